@@ -300,3 +300,29 @@ def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, hidden: int,
 def baseline_kept(num_tokens: torch.Tensor, num_layers: int) -> torch.Tensor:
     """The un-pruned schedule: every layer keeps every real token."""
     return num_tokens[:, None].expand(-1, num_layers)
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA sdpa kernels but not the CPU one; count it the same way."""
+    from torch.utils import flop_counter
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_sdpa in flop_counter.flop_registry or cpu_sdpa.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(cpu_sdpa)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_matmul_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of the matrix products that ``fn(*args, **kwargs)`` runs, from torch's own counter.
+
+    Runs under ``no_grad`` (the counter sees nothing under ``inference_mode``).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
