@@ -21,14 +21,16 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AttentionInterface, BertForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 SCORES = ("attention_received", "cls_attention")
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
 BIMODAL_SCHEDULES = ("hold", "constant")
 
-# A closed token's key gets log(1e-6) added to its logits: attention to it is a millionth of
-# what it would be. log(clamp) has no gradient once clamped, so a closed token stays closed.
+# A nearly closed token's key gets at least log(1e-6) added to its logits; log(clamp) has no
+# gradient once clamped, so a closed token stays closed. A gate of exactly 0 blocks the key
+# outright, as gathering does: with peaked attention even a 1e-6 weight can leak.
 _LOG_FLOOR = 1e-6
 _SIGMOID_INIT = 3.0
 
@@ -62,6 +64,8 @@ def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 AttentionInterface.register("dynbert", _dynbert_attention)
+# The wrapped model's own forward (HF's) must still build padding masks under our kernel's name.
+AttentionMaskInterface.register("dynbert", sdpa_mask)
 
 
 class TokenGates(nn.Module):
@@ -161,6 +165,9 @@ class GatedBert(nn.Module):
         alive = real
         kept_weight = real.to(hidden.dtype)
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+        if hard:  # columns that are padding in every example cost time, not FLOPs: drop them now
+            hidden, real, positions = _gather_kept(hidden, real, positions)
+            alive, kept_weight = real, real.to(hidden.dtype)
         gates = self.gates() if self.gate_layers else None
         kept_counts, present_per_layer = [], []
 
@@ -198,7 +205,7 @@ class GatedBert(nn.Module):
         """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of gates else."""
         blocked = torch.finfo(dtype).min
         if self.mask_attention:
-            bias = torch.where(real, torch.log(kept_weight.clamp(min=_LOG_FLOOR)), blocked)
+            bias = torch.where(real & (kept_weight > 0), torch.log(kept_weight.clamp(min=_LOG_FLOOR)), blocked)
         else:
             bias = torch.where(real, 0.0, blocked).to(dtype)
         return bias[:, None, None, :]

@@ -1,0 +1,164 @@
+"""The `dynbert` command: train, sweep, report, bench.
+
+User mistakes (DynbertError) end in one sentence on stderr and exit code 2, never a traceback;
+`--debug` or DYNBERT_DEBUG=1 shows the traceback of anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .errors import DynbertError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Learn which tokens BERT can drop: gated fine-tuning, λ sweeps, reports, benchmarks.")
+stderr = Console(stderr=True)
+OVERRIDES_HELP = "Hydra overrides: key=value or group=option, e.g. task=sst2 lambda=0.1 model=tiny."
+ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _debug() -> bool:
+    return os.environ.get("DYNBERT_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (or DYNBERT_DEBUG=1).")):
+    if debug:
+        os.environ["DYNBERT_DEBUG"] = "1"
+
+
+def user_errors(command):
+    """Turn errors into one line on stderr and an exit code, unless debugging."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DynbertError as error:
+            if _debug():
+                raise
+            stderr.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if error.__class__.__name__ == "TrainingInterrupted" else 2)
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            stderr.print("[red]interrupted[/]")
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - the last line of defence for the user
+            if _debug():
+                raise
+            stderr.print(f"[red]error:[/] {error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                         " (run with --debug for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _config_epilog() -> str:
+    from .config import conf_dir
+
+    root = conf_dir()
+    groups = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    lines = ["Config groups (group=option):"]
+    for group in groups:
+        options = sorted(p.stem for p in (root / group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(options)}")
+    lines.append("Main keys: lambda, seed, output_dir, task.data_dir, task.max_length, "
+                 "model.name_or_path, gate.layers, gate.score, gate.lr, train.epochs, train.lr, "
+                 "train.batch_size, train.max_steps. See them all with --cfg.")
+    return "\n\n".join(lines)
+
+
+@app.command(context_settings=ARGS, epilog=_config_epilog())
+@user_errors
+def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+          cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and exit."),
+          force: bool = typer.Option(False, "--force", help="Start over in a run folder that holds another run.")):
+    """Fine-tune with token gates on one task, evaluate (soft and hard mode), write a run folder.
+
+    The last line printed is the run folder.
+    """
+    from omegaconf import OmegaConf
+
+    from .config import compose_config
+
+    overrides = list(overrides or []) + (["train.overwrite=true"] if force else [])
+    config = compose_config(overrides)
+    if cfg:
+        typer.echo(OmegaConf.to_yaml(config), nl=False)
+        return
+    from .train import train as run_training
+
+    metrics = run_training(config, console=stderr)
+    _print_run_summary(metrics)
+    typer.echo(Path(config.output_dir).expanduser().resolve())
+
+
+def _print_run_summary(metrics: dict) -> None:
+    stderr.print(f"{metrics['task']} λ={metrics['lambda']:g}: {metrics['metric']} "
+                 f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
+                 f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
+                 highlight=False)
+
+
+@app.command(context_settings=ARGS, epilog=_config_epilog())
+@user_errors
+def sweep(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Comma lists and "
+                                                "range(...)/choice(...) expand into runs.", show_default=False)):
+    """Run a λ (and task, seed, ...) sweep as a Hydra multirun; re-running resumes it.
+
+    The λ grid comes from the sweep config (conf/sweep/, or experiment=demo). Launchers scale it
+    out: hydra/launcher=joblib, hydra/launcher=submitit_slurm. The last line printed is the sweep folder.
+    """
+    from .sweep import run_sweep
+
+    folder, failed = run_sweep(list(overrides or []), console=stderr)
+    typer.echo(folder.resolve())
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def report(folder: Path = typer.Argument(None, help="A sweep or any folder of runs (default: the latest sweep)."),
+           format: str = typer.Option("md,csv,png,svg", "--format", help="Comma list of md, csv, png, svg."),
+           out: Path = typer.Option(None, "--out", help="Write here instead of into FOLDER."),
+           outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the latest sweep.")):
+    """Gather runs into tables (terminal, CSV, Markdown) and accuracy-vs-FLOPs curves (PNG, SVG)."""
+    from .report import latest_sweep, write_report
+
+    folder = folder or latest_sweep(outputs)
+    formats = tuple(part.strip() for part in format.split(",") if part.strip())
+    for path in write_report(folder, out=out, formats=formats, console=stderr):
+        typer.echo(path)
+
+
+@app.command()
+@user_errors
+def bench(quick: bool = typer.Option(False, "--quick", help="A small model and few repeats: under a minute."),
+          run: Path = typer.Option(None, "--run", help="Bench a trained run folder's model and learned gates."),
+          dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (autocast)."),
+          threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+          out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json.")):
+    """Time pruned inference (gathered vs masked) against plain BERT; print a table, write bench.json."""
+    from .bench import run_bench
+
+    model = None
+    if run is not None:
+        from .train import load_run
+
+        model = load_run(run)
+    result_path = run_bench(quick=quick, dtype=dtype, model=model, threads=threads, out=out, console=stderr)
+    typer.echo(result_path)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

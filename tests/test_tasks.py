@@ -1,0 +1,324 @@
+"""Task table, GLUE TSV loading in each task's real layout, metrics, and the synthetic task."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from dynbert.errors import DynbertError
+from dynbert.tasks import (FILLER_WORDS, NEGATIVE_WORDS, NEGATOR, POSITIVE_WORDS, TASKS, Example,
+                           compute_metrics, get_task, load_glue, make_synthetic)
+
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+
+# The header rows of GLUE's own files (CoLA has none; MNLI's dev files have five annotator labels).
+HEADERS = {
+    "sst2": "sentence\tlabel",
+    "mrpc": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String",
+    "qqp": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+    "stsb": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+    "mnli": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+            "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label",
+    "mnli_dev": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\t"
+                "label5\tgold_label",
+    "qnli": "index\tquestion\tsentence\tlabel",
+    "rte": "index\tsentence1\tsentence2\tlabel",
+    "wnli": "index\tsentence1\tsentence2\tlabel",
+}
+
+
+def glue_line(task: str, index: int, a: str, b: str | None, label: str, dev: bool = False) -> str:
+    """One data row in the task's real layout, the other columns filled the way GLUE fills them."""
+    if task == "cola":
+        return f"gj04\t{label}\t{'' if label == '1' else '*'}\t{a}"
+    if task == "sst2":
+        return f"{a}\t{label}"
+    if task == "mrpc":
+        return f"{label}\t{1000 + index}\t{2000 + index}\t{a}\t{b}"
+    if task == "qqp":
+        return f"{index}\t{2 * index}\t{2 * index + 1}\t{a}\t{b}\t{label}"
+    if task == "stsb":
+        return f"{index}\tmain-captions\tMSRvid\t2012test\t{index:04d}\tnone\tnone\t{a}\t{b}\t{label}"
+    if task == "mnli":
+        annotators = f"{label}\t{label}\tneutral\t{label}\t{label}" if dev else label
+        return (f"{index}\t{31193 + index}\t{31193 + index}n\tfiction\t( ( {a} ) )\t( ( {b} ) )\t(ROOT {a})\t"
+                f"(ROOT {b})\t{a}\t{b}\t{annotators}\t{label}")
+    return f"{index}\t{a}\t{b}\t{label}"
+
+
+def write_glue_tsv(folder, task: str, rows, filename: str = "train.tsv"):
+    """Write rows (text_a, text_b, label as GLUE writes it) to one file in the task's real layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dev = filename.startswith("dev")
+    lines = [] if task == "cola" else [HEADERS["mnli_dev" if task == "mnli" and dev else task]]
+    lines += [glue_line(task, index, a, b, label, dev) for index, (a, b, label) in enumerate(rows)]
+    path = folder / filename
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# Per task: rows as GLUE writes them, and the labels load_glue must return (the hub's ids).
+# Texts carry quote characters: a csv reader with default quoting would merge rows.
+CASES = {
+    "cola": ([('"Our friends won\'t buy this analysis.', None, "1"), ("The more we study.", None, "0")], [1, 0]),
+    "sst2": ([("it 's a charming journey ", None, "1"), ('a "dull" film ', None, "0")], [1, 0]),
+    "mrpc": ([('He said "no".', '"No," he said.', "1"), ("A cat.", "A dog.", "0")], [1, 0]),
+    "qqp": ([("How do I learn?", "What is the way to learn?", "1"), ("Why?", "When?", "0")], [1, 0]),
+    "stsb": ([("A man plays.", "A man is playing.", "4.750"), ("A cat.", "A plane.", "0.000")], [4.75, 0.0]),
+    "mnli": ([("He ran.", "He moved.", "entailment"), ("He ran.", "He was fast.", "neutral"),
+              ('"He sat."', "He ran.", "contradiction")], [0, 1, 2]),
+    "qnli": ([("Who ran?", "Bob ran.", "entailment"), ("Who ran?", "It rained.", "not_entailment")], [0, 1]),
+    "rte": ([("Bob ran home.", "Bob ran.", "entailment"), ("Bob ran.", "Bob flew.", "not_entailment")], [0, 1]),
+    "wnli": ([("The cup fell; it broke.", "The cup broke.", "1"), ("I saw it.", "It saw me.", "0")], [1, 0]),
+}
+
+
+def write_glue_folder(folder, task: str):
+    """train.tsv and the eval files, each with different rows so split names can be told apart."""
+    rows, _ = CASES[task]
+    spec = get_task(task)
+    write_glue_tsv(folder, task, rows, "train.tsv")
+    for number, filename in enumerate(spec.tsv_eval_files, start=1):
+        write_glue_tsv(folder, task, [(f"{filename} {a}", b, label) for a, b, label in rows[:number]], filename)
+    return folder
+
+
+@pytest.mark.parametrize("task", GLUE_TASKS)
+def test_load_glue_reads_each_tasks_real_tsv_layout(tmp_path, task):
+    rows, labels = CASES[task]
+    spec = get_task(task)
+    data = load_glue(spec, write_glue_folder(tmp_path, task))
+
+    assert list(data) == ["train", *spec.eval_splits]
+    assert [(e.text_a, e.text_b) for e in data["train"]] == [(a, b) for a, b, _ in rows]
+    assert [e.label for e in data["train"]] == labels
+    assert all(type(e.label) is (float if task == "stsb" else int) for e in data["train"])
+    assert all(e.cue_words == () for e in data["train"])
+    for number, (split, filename) in enumerate(zip(spec.eval_splits, spec.tsv_eval_files), start=1):
+        assert [e.text_a for e in data[split]] == [f"{filename} {a}" for a, _, _ in rows[:number]]
+        assert [e.label for e in data[split]] == labels[:number]
+
+
+def test_task_table_matches_glue():
+    assert set(TASKS) == {*GLUE_TASKS, "synthetic"}
+    assert TASKS["mnli"].eval_splits == ("validation_matched", "validation_mismatched")
+    assert TASKS["mnli"].label_names == ("entailment", "neutral", "contradiction")
+    assert TASKS["stsb"].num_labels == 1 and TASKS["stsb"].label_names == ()
+    main = {name: spec.main_metric for name, spec in TASKS.items()}
+    assert main == {"cola": "matthews_correlation", "mrpc": "f1", "qqp": "f1", "stsb": "spearmanr",
+                    **{name: "accuracy" for name in ("sst2", "mnli", "qnli", "rte", "wnli", "synthetic")}}
+    for spec in TASKS.values():
+        assert spec.num_labels == max(1, len(spec.label_names))
+
+
+def test_get_task_unknown_name_lists_known_tasks():
+    assert get_task("MNLI") is TASKS["mnli"]
+    with pytest.raises(DynbertError, match="'glue'") as info:
+        get_task("glue")
+    assert all(name in str(info.value) for name in TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad data: one-sentence errors that name the file (and line and value)
+
+
+def test_missing_or_non_folder_data_dir(tmp_path):
+    with pytest.raises(DynbertError, match="nowhere.*does not exist"):
+        load_glue(get_task("rte"), tmp_path / "nowhere")
+    (tmp_path / "file.tsv").write_text("x\n")
+    with pytest.raises(DynbertError, match="file.tsv.*is not a folder"):
+        load_glue(get_task("rte"), tmp_path / "file.tsv")
+
+
+def test_missing_file_is_named(tmp_path):
+    write_glue_folder(tmp_path, "mnli")
+    (tmp_path / "dev_mismatched.tsv").unlink()
+    with pytest.raises(DynbertError, match="dev_mismatched.tsv is missing"):
+        load_glue(get_task("mnli"), tmp_path)
+
+
+@pytest.mark.parametrize("task", ["cola", "sst2"])
+def test_empty_file(tmp_path, task):
+    write_glue_folder(tmp_path, task)
+    (tmp_path / "dev.tsv").write_text("\n\n")
+    with pytest.raises(DynbertError, match=r"dev.tsv is empty"):
+        load_glue(get_task(task), tmp_path)
+
+
+def test_header_without_rows_is_an_empty_split(tmp_path):
+    write_glue_folder(tmp_path, "qnli")
+    (tmp_path / "dev.tsv").write_text(HEADERS["qnli"] + "\n")
+    with pytest.raises(DynbertError, match="dev.tsv has a header but no examples"):
+        load_glue(get_task("qnli"), tmp_path)
+
+
+def test_wrong_header_names_file_and_expected_columns(tmp_path):
+    write_glue_folder(tmp_path, "rte")
+    # A headerless file: its first row is taken as the header, and does not fit.
+    (tmp_path / "train.tsv").write_text("0\tBob ran.\tBob moved.\tentailment\n")
+    with pytest.raises(DynbertError, match=r"train.tsv has columns .*\['sentence1', 'sentence2', 'label'\]"):
+        load_glue(get_task("rte"), tmp_path)
+
+
+@pytest.mark.parametrize("task, bad", [("rte", "maybe"), ("mnli", "-"), ("sst2", "2"), ("cola", "yes"),
+                                       ("stsb", "high"), ("stsb", "7.5")])
+def test_label_outside_the_label_set_names_file_line_and_value(tmp_path, task, bad):
+    write_glue_folder(tmp_path, task)
+    rows, _ = CASES[task]
+    write_glue_tsv(tmp_path, task, [rows[0], (rows[1][0], rows[1][1], bad)], "train.tsv")
+    line = 2 if task == "cola" else 3  # the header is line 1
+    with pytest.raises(DynbertError, match=rf"train.tsv line {line} has (label|score) '{bad}'"):
+        load_glue(get_task(task), tmp_path)
+
+
+@pytest.mark.parametrize("task", ["cola", "mrpc"])
+def test_row_with_wrong_column_count_names_file_and_line(tmp_path, task):
+    write_glue_folder(tmp_path, task)
+    path = tmp_path / "dev.tsv"
+    # A text with a tab in it: one column too many.
+    path.write_text(path.read_text() + glue_line(task, 9, "left\tright", "b", "1") + "\n")
+    line = len(path.read_text().splitlines())
+    with pytest.raises(DynbertError, match=rf"dev.tsv line {line} has \d+ tab-separated columns, expected"):
+        load_glue(get_task(task), tmp_path)
+
+
+def test_non_utf8_file(tmp_path):
+    write_glue_folder(tmp_path, "sst2")
+    (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\ncaf\xe9\t1\n")
+    with pytest.raises(DynbertError, match="train.tsv is not UTF-8"):
+        load_glue(get_task("sst2"), tmp_path)
+
+
+def test_crlf_and_blank_lines_are_tolerated(tmp_path):
+    (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\r\n\r\nfine \"film\t1\r\n\nbad\t0\r\n")
+    (tmp_path / "dev.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\nok\t1\n")  # a byte-order mark
+    data = load_glue(get_task("sst2"), tmp_path)
+    assert data["train"] == [Example('fine "film', None, 1), Example("bad", None, 0)]
+    assert data["validation"] == [Example("ok", None, 1)]
+
+
+def test_hub_offline_fails_fast_and_says_what_to_pass(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # An empty cache, so a copy of GLUE on this machine cannot make the load succeed.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    start = time.perf_counter()
+    with pytest.raises(DynbertError, match="could not download") as info:
+        load_glue(get_task("rte"), None)
+    assert time.perf_counter() - start < 10
+    assert "task.data_dir=" in str(info.value) and "task=synthetic model=tiny" in str(info.value)
+    # The variables, set after datasets was imported, were honoured for that call only.
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics against hand-computed values
+
+
+def test_cola_matthews_correlation():
+    # TP=2, FP=1, TN=2, FN=0: MCC = (2·2 − 1·0) / sqrt(3·2·3·2) = 4/6.
+    metrics = compute_metrics(get_task("cola"), [1, 1, 0, 0, 1], [1, 0, 0, 0, 1])
+    assert metrics == {"matthews_correlation": pytest.approx(4 / 6)}
+
+
+@pytest.mark.parametrize("task", ["mrpc", "qqp"])
+def test_accuracy_f1_and_combined_score(task):
+    # TP=3, FP=1, FN=1, TN=1: precision = recall = 3/4, F1 = 3/4; accuracy 4/6.
+    metrics = compute_metrics(get_task(task), [1, 1, 1, 0, 0, 1], [1, 0, 1, 1, 0, 1])
+    assert metrics == pytest.approx({"accuracy": 4 / 6, "f1": 0.75, "combined_score": (4 / 6 + 0.75) / 2})
+
+
+def test_stsb_pearson_and_spearman():
+    # Same order (Spearman 1), not a straight line: Pearson = 11.5 / sqrt(28.75 · 5).
+    metrics = compute_metrics(get_task("stsb"), [1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 3.0, 4.0])
+    pearson = 11.5 / math.sqrt(28.75 * 5)
+    assert metrics == pytest.approx({"pearson": pearson, "spearmanr": 1.0, "combined_score": (pearson + 1) / 2})
+    # Regression outputs of shape (n, 1) are accepted as they come.
+    assert compute_metrics(get_task("stsb"), [[1.0], [2.0], [4.0], [8.0]], [1, 2, 3, 4]) == metrics
+
+
+@pytest.mark.parametrize("task", ["mnli", "rte", "synthetic"])
+def test_accuracy_only(task):
+    metrics = compute_metrics(get_task(task), [0, 2, 1, 1], [0, 2, 2, 1])
+    assert metrics == {"accuracy": 0.75}
+    assert all(type(value) is float for value in metrics.values())
+
+
+def test_metrics_refuse_mismatched_lengths():
+    with pytest.raises(ValueError):
+        compute_metrics(get_task("rte"), [0, 1], [0, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic task
+
+
+def majority_label(words: list[str]) -> int:
+    """The rule, recomputed from the words: "not" flips the cue right after it; majority wins."""
+    votes = []
+    for index, word in enumerate(words):
+        if word in POSITIVE_WORDS or word in NEGATIVE_WORDS:
+            negated = index > 0 and words[index - 1] == NEGATOR
+            votes.append((word in POSITIVE_WORDS) != negated)
+    assert len(votes) in (1, 3)
+    return int(sum(votes) * 2 > len(votes))
+
+
+def test_synthetic_is_deterministic_by_seed():
+    first, again = make_synthetic(50, 20, seed=3), make_synthetic(50, 20, seed=3)
+    other = make_synthetic(50, 20, seed=4)
+    assert first == again
+    assert first["train"] != other["train"] and first["validation"] != other["validation"]
+    # The eval set depends on the seed only: more training data leaves it alone.
+    assert make_synthetic(80, 20, seed=3)["validation"] == first["validation"]
+
+
+def test_synthetic_label_follows_the_cue_words_only():
+    data = make_synthetic(2000, 200, seed=0, min_words=8, max_words=30)
+    assert list(data) == ["train", "validation"] and len(data["validation"]) == 200
+    train = data["train"]
+    assert 0.4 <= sum(example.label for example in train) / len(train) <= 0.6
+    cue_vocabulary = {*POSITIVE_WORDS, *NEGATIVE_WORDS, NEGATOR}
+    negated = three_cues = 0
+    for example in train + data["validation"]:
+        words = example.text_a.split(" ")
+        assert example.text_b is None and example.text_a.isascii() and example.text_a.islower()
+        assert 8 <= len(words) <= 30
+        assert example.label == majority_label(words)
+        # cue_words: exactly the cues and their negators; every other word is filler.
+        assert example.cue_words == tuple(i for i, word in enumerate(words) if word in cue_vocabulary)
+        assert all(word in FILLER_WORDS for i, word in enumerate(words) if i not in example.cue_words)
+        # A negator always sits right before a cue.
+        negators = [i for i in example.cue_words if words[i] == NEGATOR]
+        assert all(words[i + 1] in POSITIVE_WORDS + NEGATIVE_WORDS for i in negators)
+        negated += NEGATOR in words
+        three_cues += len([w for w in words if w in cue_vocabulary and w != NEGATOR]) == 3
+    assert 0.3 < negated / 2200 < 0.95 and 0.3 < three_cues / 2200 < 0.7
+
+
+def test_synthetic_vocabulary():
+    assert len(set(FILLER_WORDS)) == len(FILLER_WORDS) >= 200
+    assert all(word.isascii() and word.isalpha() and word.islower() for word in FILLER_WORDS)
+    assert not set(FILLER_WORDS) & {*POSITIVE_WORDS, *NEGATIVE_WORDS, NEGATOR}
+
+
+def test_synthetic_rejects_bad_sizes():
+    with pytest.raises(DynbertError, match="min_words=3"):
+        make_synthetic(10, 10, seed=0, min_words=3, max_words=10)
+    with pytest.raises(DynbertError, match="max_words=10"):
+        make_synthetic(10, 10, seed=0, min_words=20, max_words=10)
+    with pytest.raises(DynbertError, match="num_eval=0"):
+        make_synthetic(10, 0, seed=0)
+
+
+def test_load_glue_refuses_the_synthetic_task(tmp_path):
+    with pytest.raises(DynbertError, match="make_synthetic"):
+        load_glue(get_task("synthetic"), tmp_path)
