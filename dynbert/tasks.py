@@ -245,8 +245,8 @@ def _offline_from_env():
 POSITIVE_WORDS = ("good", "great", "fine", "nice", "happy")
 NEGATIVE_WORDS = ("bad", "awful", "poor", "sad", "ugly")
 NEGATOR = "not"
-CUE_COUNTS = (1, 3)  # odd, so the majority vote never ties
-NEGATION_PROBABILITY = 0.5  # each cue is negated or not, independently: polarity alone decides nothing
+CUE_COUNTS = (1,)  # one cue: a tiny BERT from scratch learns it in minutes; its negator still takes a second layer
+NEGATION_PROBABILITY = 0.3  # below 0.5, so polarity alone gives a learning signal (70%); the negator the rest
 # Filler: 200 two-syllable pseudo-words (consonant-vowel twice), every 15th of them in order, so
 # the list is fixed by this code, not by a random generator's version. No final "e": consonant,
 # vowel, consonant, e spells too many English words (love, rule, fine). None is a cue word.

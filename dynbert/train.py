@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn import functional as F
-from transformers import get_linear_schedule_with_warmup
 
 from . import __version__
 from .core import (GatedBert, baseline_kept, bimodal_weight, flops_per_example, gate_regularizer,
@@ -251,6 +250,32 @@ def _optimizer(gated: GatedBert, cfg: DictConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups)
 
 
+def _scheduler(optimizer, total_steps: int, warmup_ratio: float, gate_start: float):
+    """BERT: linear warm-up then linear decay. Gates: frozen until `gate.start`, then constant.
+
+    A model trained from scratch must first learn which tokens matter; gates that move before
+    that only see the sparsity pull and close everything.
+    """
+    warmup = int(warmup_ratio * total_steps)
+
+    def bert(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    def gates(step: int) -> float:
+        return 1.0 if step >= gate_start * total_steps else 0.0
+
+    lambdas = [bert] * 2 + [gates] * (len(optimizer.param_groups) - 2)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def _gate_progress(step: int, total_steps: int, gate_start: float) -> float:
+    """How far the gates' own phase of training is, in [0, 1] (the bi-modal schedule runs on it)."""
+    begin = gate_start * total_steps
+    return min(max((step - begin) / max(1.0, total_steps - begin), 0.0), 1.0)
+
+
 def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec,
          logger: logging.Logger, console: Console) -> LoopState:
     tcfg = cfg.train
@@ -262,7 +287,7 @@ def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     if tcfg.max_steps:
         total_steps = min(total_steps, tcfg.max_steps)
     optimizer = _optimizer(gated, cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg.warmup_ratio * total_steps), total_steps)
+    scheduler = _scheduler(optimizer, total_steps, tcfg.warmup_ratio, cfg.gate.start)
     weights = layer_weights(gated.gate_layers, gated.num_layers, cfg.gate.layer_weighting)
     lam = float(cfg["lambda"])
     state = LoopState()
@@ -297,7 +322,8 @@ def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                 loss = task_loss
                 parts = None
                 if gated.gate_layers:
-                    mu = bimodal_weight(state.step / total_steps, lam, cfg.gate.bimodal_weight, cfg.gate.bimodal_schedule)
+                    mu = bimodal_weight(_gate_progress(state.step, total_steps, cfg.gate.start), lam,
+                                        cfg.gate.bimodal_weight, cfg.gate.bimodal_schedule)
                     parts = gate_regularizer(gated.gates(), weights, lam, mu)
                     loss = task_loss + parts.total
                 if not torch.isfinite(loss):
