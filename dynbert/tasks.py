@@ -257,7 +257,7 @@ FILLER_WORDS = tuple(word for word in _PSEUDO_WORDS[::15]
                      if word not in {*POSITIVE_WORDS, *NEGATIVE_WORDS, NEGATOR})[:200]
 # Every word the synthetic task uses, for a word-level tokenizer.
 SYNTHETIC_WORDS = FILLER_WORDS + POSITIVE_WORDS + NEGATIVE_WORDS + (NEGATOR,)
-_LONGEST_CUES = max(CUE_COUNTS) * 2  # three negated cues: six words
+_LONGEST_CUES = max(CUE_COUNTS) * 2  # every cue negated: two words a cue
 
 
 def make_synthetic(num_train: int, num_eval: int, seed: int, min_words: int = 20,
@@ -273,7 +273,7 @@ def make_synthetic(num_train: int, num_eval: int, seed: int, min_words: int = 20
                            f"got num_train={num_train}, num_eval={num_eval}")
     if not _LONGEST_CUES <= min_words <= max_words:
         raise DynbertError(f"synthetic min_words={min_words}, max_words={max_words}: need "
-                           f"{_LONGEST_CUES} <= min_words <= max_words (three negated cues take six words)")
+                           f"{_LONGEST_CUES} <= min_words <= max_words (a negated cue takes two words)")
     seeds = random.Random(seed)
     train_rng, eval_rng = random.Random(seeds.getrandbits(64)), random.Random(seeds.getrandbits(64))
     return {

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dynbert.errors import DynbertError
-from dynbert.tasks import (FILLER_WORDS, NEGATIVE_WORDS, NEGATOR, POSITIVE_WORDS, TASKS, Example,
+from dynbert.tasks import (CUE_COUNTS, FILLER_WORDS, NEGATIVE_WORDS, NEGATOR, POSITIVE_WORDS, TASKS, Example,
                            compute_metrics, get_task, load_glue, make_synthetic)
 
 GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
@@ -262,13 +262,14 @@ def test_metrics_refuse_mismatched_lengths():
 
 
 def majority_label(words: list[str]) -> int:
-    """The rule, recomputed from the words: "not" flips the cue right after it; majority wins."""
+    """The rule, recomputed from the words: "not" flips the cue right after it; majority wins
+    (one cue in the shipped task, CUE_COUNTS)."""
     votes = []
     for index, word in enumerate(words):
         if word in POSITIVE_WORDS or word in NEGATIVE_WORDS:
             negated = index > 0 and words[index - 1] == NEGATOR
             votes.append((word in POSITIVE_WORDS) != negated)
-    assert len(votes) in (1, 3)
+    assert len(votes) in CUE_COUNTS
     return int(sum(votes) * 2 > len(votes))
 
 
@@ -287,7 +288,7 @@ def test_synthetic_label_follows_the_cue_words_only():
     train = data["train"]
     assert 0.4 <= sum(example.label for example in train) / len(train) <= 0.6
     cue_vocabulary = {*POSITIVE_WORDS, *NEGATIVE_WORDS, NEGATOR}
-    negated = three_cues = 0
+    negated = 0
     for example in train + data["validation"]:
         words = example.text_a.split(" ")
         assert example.text_b is None and example.text_a.isascii() and example.text_a.islower()
@@ -300,8 +301,8 @@ def test_synthetic_label_follows_the_cue_words_only():
         negators = [i for i in example.cue_words if words[i] == NEGATOR]
         assert all(words[i + 1] in POSITIVE_WORDS + NEGATIVE_WORDS for i in negators)
         negated += NEGATOR in words
-        three_cues += len([w for w in words if w in cue_vocabulary and w != NEGATOR]) == 3
-    assert 0.3 < negated / 2200 < 0.95 and 0.3 < three_cues / 2200 < 0.7
+    # Negated often enough to matter, rarely enough that polarity alone is a learning signal.
+    assert 0.2 < negated / 2200 < 0.4
 
 
 def test_synthetic_vocabulary():
@@ -311,8 +312,8 @@ def test_synthetic_vocabulary():
 
 
 def test_synthetic_rejects_bad_sizes():
-    with pytest.raises(DynbertError, match="min_words=3"):
-        make_synthetic(10, 10, seed=0, min_words=3, max_words=10)
+    with pytest.raises(DynbertError, match="min_words=1"):
+        make_synthetic(10, 10, seed=0, min_words=1, max_words=10)
     with pytest.raises(DynbertError, match="max_words=10"):
         make_synthetic(10, 10, seed=0, min_words=20, max_words=10)
     with pytest.raises(DynbertError, match="num_eval=0"):
