@@ -7,6 +7,7 @@ training, model/ (HF layout plus gates.safetensors) and metrics.json when done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -301,16 +302,18 @@ def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     first_step = state.step
     started = time.perf_counter()
     seconds_before = state.seconds
+    # Off a terminal (logs, sweeps) the progress bar would only print blank lines: train.log has it.
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
                         transient=True, disable=not console.is_terminal)
+    live = progress if console.is_terminal else contextlib.nullcontext()
 
     def save(step: int) -> None:
         state.seconds = seconds_before + time.perf_counter() - started
         _save_checkpoint(checkpoint, gated, optimizer, scheduler, step, state.seconds)
 
     try:
-        with progress:
+        with live:
             bar = progress.add_task(f"{spec.name} λ={lam:g}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
                 epoch, offset = divmod(state.step, steps_per_epoch)
