@@ -106,7 +106,7 @@ def _print_run_summary(metrics: dict) -> None:
     stderr.print(f"{metrics['task']} λ={metrics['lambda']:g}: {metrics['metric']} "
                  f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
                  f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
-                 highlight=False)
+                 highlight=False, soft_wrap=True)
 
 
 @app.command(context_settings=ARGS, epilog=_config_epilog())

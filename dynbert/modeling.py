@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification,
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
@@ -23,12 +24,25 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A BERT-style uncased WordPiece tokenizer trained on ``texts`` (for the tiny model)."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                                                   special_tokens=SPECIAL_TOKENS))
+    """A BERT-style uncased WordPiece tokenizer for ``texts`` (the tiny model's), the same every time.
+
+    The vocabulary: the special tokens, every character seen (alone and as a ``##`` continuation,
+    so any word can be spelled; these even past ``vocab_size``), then the most frequent words, ties
+    broken alphabetically, up to ``vocab_size``. tokenizers' own WordPieceTrainer breaks ties in
+    hash order, so it learned a different vocabulary in each process (huggingface/tokenizers#1794):
+    the same command trained a different model, and a resumed run did not match an uninterrupted one.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    characters = sorted({character for word in counts for character in word})
+    vocab = SPECIAL_TOKENS + characters + [f"##{character}" for character in characters]
+    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -81,6 +95,13 @@ def make_gated(model: BertForSequenceClassification, gate_cfg, max_length: int) 
     layers = list(gate_cfg.layers) if gate_cfg.layers is not None else None
     if not gate_cfg.enabled:
         layers = []
+    # Checked here, not only in GatedBert, so the message names the key to change.
+    num_layers, positions = model.config.num_hidden_layers, model.config.max_position_embeddings
+    if layers and not all(0 <= layer < num_layers for layer in layers):
+        raise DynbertError(f"gate.layers={layers} is out of range: the model has layers 0..{num_layers - 1}")
+    if max_length > positions:
+        raise DynbertError(f"task.max_length={max_length} exceeds the model's {positions} positions: "
+                           f"pass task.max_length={positions} or less")
     try:
         return GatedBert(model, max_length=max_length, gate_layers=layers, score=gate_cfg.score,
                          parametrization=gate_cfg.parametrization,

@@ -53,9 +53,14 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
     from .config import compose_config
 
     plain, swept = _split_overrides(overrides)
-    # Compose with one value of each swept key, so bad keys and values fail before any run.
-    probe = [line.split("=", 1)[0] + "=" + _first_value(line) for line in swept.values()]
-    cfg = compose_config(plain + probe)
+    # Compose with every value of each swept key (the others at their first), so a bad key or value
+    # fails here, before any run, not as one failed job among many.
+    values = {line.split("=", 1)[0]: _values(line) for line in swept.values()}
+    probe = {key: f"{key}={choices[0]}" for key, choices in values.items() if choices}
+    cfg = compose_config(plain + list(probe.values()))
+    for key, choices in values.items():
+        for value in choices[1:]:
+            compose_config(plain + list({**probe, key: f"{key}={value}"}.values()))
     user_keys = {line.split("=", 1)[0].lstrip("+~") for line in plain} | set(swept)
     folder = Path(cfg.output_dir) if "output_dir" in user_keys else Path("outputs/sweeps") / cfg.sweep.name
     passed = [line for line in plain if not line.startswith("output_dir=")]
@@ -70,12 +75,11 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
     return folder, runs, cfg
 
 
-def _first_value(line: str) -> str:
+def _values(line: str) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     override = OverridesParser.create().parse_overrides([line])[0]
-    values = list(override.sweep_iterator())
-    return str(values[0]) if values else ""
+    return [str(value) for value in override.sweep_iterator()]
 
 
 def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
@@ -92,11 +96,20 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
                    "--config-name", "config", f"hydra.sweep.dir={folder}",
                    "hydra.sweep.subdir=${task.name}/${run_name}", *runs]
         try:
-            subprocess.run(command, env=env, check=False)
+            subprocess.run(command, env=env, check=False, stdout=_stderr_fd())
         except KeyboardInterrupt:
             raise DynbertError(f"sweep interrupted; finished runs are kept in {folder}: "
                                "run the same command again to complete it") from None
     return folder, _summarize(folder, sweep_id, total, console)
+
+
+def _stderr_fd() -> int | None:
+    """Where the jobs' output goes: stderr, so stdout holds only the sweep folder (for scripts)."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stderr (tests) has no file descriptor
+        return None
 
 
 def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,9 +75,8 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
     encoded = {name: encode(examples, tokenizer, cfg.task.max_length, spec)
                for name, examples in splits.items()}
 
-    started = time.perf_counter()
     state = _fit(gated, encoded["train"], cfg, run_dir, spec, logger, console)
-    train_seconds = state.seconds + time.perf_counter() - started
+    train_seconds = state.seconds  # the loop's own time, summed over resumes
 
     metrics = _evaluate_all(gated, encoded, spec, cfg)
     gated.gates.harden_()
@@ -97,8 +97,13 @@ def load_run(run_dir: Path) -> GatedBert:
     if not (run_dir / CONFIG_FILE).is_file():
         raise DynbertError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass a folder "
                            "that `dynbert train` wrote")
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    gated, _ = load_model(run_dir / MODEL_DIR, cfg.gate, cfg.task.max_length)
+    try:
+        cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+        gate_cfg, max_length = cfg.gate, cfg.task.max_length
+    except Exception as error:  # not YAML, or not a dynbert config: either way not a run to load
+        raise DynbertError(f"{run_dir / CONFIG_FILE} is not a dynbert run config "
+                           f"({error.__class__.__name__}): pass a folder that `dynbert train` wrote") from error
+    gated, _ = load_model(run_dir / MODEL_DIR, gate_cfg, max_length)
     return gated
 
 
@@ -107,9 +112,15 @@ def load_run(run_dir: Path) -> GatedBert:
 
 
 def _claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
-    """Write config.yaml, or check that the folder holds this same run (so resuming is safe)."""
+    """Write config.yaml, or check that the folder holds this same run (so resuming is safe).
+
+    Only a checkpoint or metrics are worth keeping. A run folder with neither (a run that failed
+    before its first checkpoint: a bad data folder, a gate layer out of range) is taken over by the
+    corrected command; refusing it would block the fix, since the folder is named by task and λ.
+    """
     config_path = run_dir / CONFIG_FILE
-    if config_path.is_file() and not cfg.train.overwrite:
+    has_progress = any((run_dir / name).is_file() for name in (METRICS_FILE, CHECKPOINT_FILE))
+    if config_path.is_file() and has_progress and not cfg.train.overwrite:
         try:
             previous = OmegaConf.load(config_path)
         except Exception as error:
@@ -119,9 +130,12 @@ def _claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
         if differ:
             raise DynbertError(f"{run_dir} holds another run (differs in {', '.join(differ)}); "
                                "pass train.overwrite=true to start over, or another output_dir")
-    elif cfg.train.overwrite and run_dir.exists():
+    elif cfg.train.overwrite or config_path.is_file():
         for name in (METRICS_FILE, CHECKPOINT_FILE, LOG_FILE):
             (run_dir / name).unlink(missing_ok=True)
+        if config_path.is_file():  # a run folder: its tokenizer (trained on the old data) would be reloaded
+            for name in (TOKENIZER_DIR, MODEL_DIR):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
     atomic_write_text(config_path, OmegaConf.to_yaml(cfg))
 
 
@@ -308,9 +322,19 @@ def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                         transient=True, disable=not console.is_terminal)
     live = progress if console.is_terminal else contextlib.nullcontext()
 
+    saved_step = state.step if checkpoint.is_file() else None
+
     def save(step: int) -> None:
+        nonlocal saved_step
         state.seconds = seconds_before + time.perf_counter() - started
         _save_checkpoint(checkpoint, gated, optimizer, scheduler, step, state.seconds)
+        saved_step = step
+
+    def not_finite(what: str, detail: str) -> DynbertError:
+        kept = (f"the checkpoint of step {saved_step} is kept in {run_dir}" if saved_step is not None
+                else "no checkpoint was saved yet")
+        return DynbertError(f"{what} is not finite at step {state.step + 1} ({detail}); training stopped and "
+                            f"{kept}: lower train.lr or gate.lr and start over with train.overwrite=true")
 
     try:
         with live:
@@ -333,11 +357,14 @@ def _fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                     detail = f"task {task_loss.item():.4g}"
                     if parts is not None:
                         detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
-                    raise DynbertError(f"loss is not finite at step {state.step + 1} ({detail}); "
-                                       f"the last good checkpoint is kept in {run_dir}: lower train.lr or gate.lr")
+                    raise not_finite("loss", detail)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(gated.model.parameters(), tcfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(gated.model.parameters(), tcfg.max_grad_norm)
+                # A finite loss can still have an infinite gradient: stop before it reaches the weights
+                # (and the next checkpoint).
+                if not torch.isfinite(grad_norm):
+                    raise not_finite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
                 optimizer.step()
                 scheduler.step()
                 gated.gates.project_()
@@ -404,7 +431,8 @@ def predict(gated: GatedBert, data: Encoded, batch_size: int, hard: bool):
     gated.eval()
     order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
     config = gated.model.config
-    preds, flops, base, kept, cue_hits, cue_total = [], [], [], [], 0, 0
+    preds, flops, base, kept, cue_total = [], [], [], [], 0
+    cue_hits = torch.zeros(gated.num_layers, dtype=torch.long)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         ids, types, mask, _ = collate(data, indices)
@@ -417,13 +445,13 @@ def predict(gated: GatedBert, data: Encoded, batch_size: int, hard: bool):
         if data.cue_mask is not None:
             for row, i in enumerate(indices):
                 cues = torch.tensor(data.cue_mask[i])
-                cue_hits += int(out.present[row, -1, : len(cues)][cues].sum())
+                cue_hits += out.present[row, :, : len(cues)][:, cues].sum(dim=1)
                 cue_total += int(cues.sum())
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order)] = torch.arange(len(order))
     predictions = torch.cat(preds)[restore]
     return dict(predictions=predictions, flops=torch.cat(flops), baseline_flops=torch.cat(base),
-                kept=torch.cat(kept), cue_kept=cue_hits / cue_total if cue_total else None)
+                kept=torch.cat(kept), cue_kept=(cue_hits / cue_total).tolist() if cue_total else None)
 
 
 def _evaluate_all(gated: GatedBert, encoded: dict[str, Encoded], spec: TaskSpec, cfg: DictConfig) -> dict:
@@ -450,7 +478,10 @@ def _evaluate_all(gated: GatedBert, encoded: dict[str, Encoded], spec: TaskSpec,
                 metrics["baseline_flops_per_example"] = result["baseline_flops"].mean().item()
                 metrics["flops_ratio"] = metrics["flops_per_example"] / metrics["baseline_flops_per_example"]
                 metrics["kept_per_layer"] = result["kept"].mean(dim=0).tolist()
-                metrics["cue_kept"] = result["cue_kept"]
+                # Cue tokens entering the last layer (after it, only CLS is read: its gates close).
+                cue_per_layer = result["cue_kept"]
+                metrics["cue_kept_per_layer"] = cue_per_layer
+                metrics["cue_kept"] = cue_per_layer[-2] if cue_per_layer and len(cue_per_layer) > 1 else None
                 same = soft_preds[split] == result["predictions"] if spec.num_labels > 1 else None
                 metrics["hard_soft_agreement"] = same.float().mean().item() if same is not None else None
     return metrics

@@ -1,0 +1,54 @@
+"""What the CLI tests share: the small model, running `dynbert` in-process or as a process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from dynbert.cli import app
+
+# Small enough that a run takes about a second on one CPU thread.
+SMALL_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+               "model.vocab_size=300"]
+FAST = ["debug=fast", *SMALL_MODEL]
+SYNTHETIC = ["task.num_train=64", "task.num_eval=32"]
+# Keys every metrics.json holds (README, "The run folder").
+CONTRACT_KEYS = {"task", "lambda", "seed", "metric", "score", "score_soft", "metrics", "flops_per_example",
+                 "baseline_flops_per_example", "flops_ratio", "kept_per_layer", "train_seconds", "version"}
+# Keys that may differ between two runs of the same command.
+RUN_SPECIFIC = {"train_seconds", "run_dir"}
+
+
+def invoke(*args: str):
+    """`dynbert ARGS` in this process (Typer's runner): exit_code, stdout, stderr."""
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def dynbert_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dynbert.cli", *map(str, args)]
+
+
+def run_dynbert(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`dynbert ARGS` as its own process (what a sweep or a kill needs)."""
+    return subprocess.run(dynbert_command(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path: Path):
+    """Strict JSON: NaN or Infinity in a metrics file is an error, as it is for other readers."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+
+    return json.loads(Path(path).read_text(), parse_constant=refuse)
+
+
+def comparable(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if key not in RUN_SPECIFIC}
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path, with its bytes."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}

@@ -1,0 +1,109 @@
+"""The configuration: every shipped option composes and takes effect, typos fail, --help and --cfg."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from dynbert import core
+from dynbert.config import CHOICES, compose_config, conf_dir
+from dynbert.errors import DynbertError
+
+from glue_data import GLUE_TASKS
+from helpers import invoke
+
+GROUPS = sorted(path.name for path in conf_dir().iterdir() if path.is_dir() and not path.name.startswith("_"))
+OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((conf_dir() / group).glob("*.yaml"))]
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    leaves = {}
+    for key, value in tree.items():
+        leaves.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return leaves
+
+
+def test_every_group_is_found():
+    # The listing below must not silently shrink (e.g. conf/ moved and nothing found).
+    assert {"debug", "experiment", "gate", "model", "sweep", "task", "train"} <= set(GROUPS)
+    assert ("experiment", "demo") in OPTIONS and ("debug", "fast") in OPTIONS
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_of_every_group_composes_and_takes_effect(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    own = OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{option}.yaml"))
+    own.pop("defaults", None)
+    own.pop("hydra", None)  # not part of the composed run config
+    text = (conf_dir() / group / f"{option}.yaml").read_text()
+    package = "" if "# @package _global_" in text else group
+    # The option's own values are what the run gets (no later default overrides them).
+    for key, value in _leaves(own, package).items():
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved in the composed config
+        assert OmegaConf.select(cfg, key) == value, f"{group}={option}: {key}"
+
+
+def test_glue_tasks_select_bert_base_unless_a_model_is_given():
+    assert compose_config([]).model.name == "tiny"
+    for task in GLUE_TASKS:
+        assert compose_config([f"task={task}"]).model.name_or_path == "bert-base-uncased", task
+        for overrides in ([f"task={task}", "model=tiny"], ["model=tiny", f"task={task}"]):
+            cfg = compose_config(overrides)
+            assert cfg.model.name == "tiny" and cfg.model.name_or_path is None, overrides
+            assert cfg.task.name == task
+
+
+def test_unknown_key_fails_and_names_it():
+    with pytest.raises(DynbertError, match="'lamda'.*no such key"):
+        compose_config(["lamda=0.3"])
+    with pytest.raises(DynbertError, match="'task.max_len'"):
+        compose_config(["task.max_len=64"])
+
+
+def test_unknown_option_lists_the_options():
+    with pytest.raises(DynbertError, match="task/glue.*options: cola, mnli.*synthetic, wnli"):
+        compose_config(["task=glue"])
+
+
+def test_train_help_lists_the_config_groups():
+    result = invoke("train", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    for group in GROUPS:
+        options = ", ".join(sorted(path.stem for path in (conf_dir() / group).glob("*.yaml")))
+        assert f"{group}: {options}" in text
+    assert "task: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, synthetic, wnli" in text
+    assert "gate: default, none" in text and "experiment: demo" in text
+
+
+def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--cfg", "lambda=0.3", "task=rte", "model=tiny", "seed=2")
+    assert result.exit_code == 0, result.output
+    assert "${" not in result.stdout  # interpolations resolved
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg["lambda"] == 0.3 and cfg.seed == 2 and cfg.task.name == "rte" and cfg.model.name == "tiny"
+    assert cfg.output_dir == "outputs/runs/rte/gated-lambda0.3-seed2"
+    assert cfg.train.lr == cfg.model.lr
+    assert list(tmp_path.iterdir()) == []
+    # A bad override still fails with --cfg.
+    assert invoke("train", "--cfg", "lambda=-1").exit_code == 2
+
+
+def test_choices_checked_in_the_config_are_the_ones_core_accepts():
+    assert CHOICES == {"gate.score": core.SCORES, "gate.parametrization": core.PARAMETRIZATIONS,
+                       "gate.layer_weighting": core.LAYER_WEIGHTINGS, "gate.bimodal_schedule": core.BIMODAL_SCHEDULES}
+    with pytest.raises(DynbertError, match="gate.score=foo is not valid: pass one of attention_received, cls_attention"):
+        compose_config(["gate.score=foo"])
+
+
+@pytest.mark.parametrize("override", ["train.max_steps=-1", "train.max_steps=abc", "train.lr=abc", "gate.lr=nan",
+                                      "train.epochs=0", "gate.bimodal_schedule=sometimes"])
+def test_values_that_would_fail_mid_run_or_train_nothing_fail_at_once(override):
+    with pytest.raises(DynbertError, match=f"{re.escape(override)} is not valid"):
+        compose_config([override])

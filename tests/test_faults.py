@@ -1,0 +1,208 @@
+"""Faults and bad input: one clear sentence and exit code 2, nothing overwritten; kill, resume, restart."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from dynbert.config import compose_config
+from dynbert.modeling import train_wordpiece
+
+from glue_data import HEADERS, write_glue_run_folder, write_glue_tsv
+from helpers import FAST, SYNTHETIC, comparable, dynbert_command, invoke, read_json, run_dynbert, snapshot
+
+TRAIN = ["train", *FAST, *SYNTHETIC]
+RTE = ["train", *FAST, "task=rte", "model=tiny"]
+
+
+def make_inputs(root):
+    """Every bad input a case below points at, built once per test under root."""
+    write_glue_run_folder(root / "rte", "rte")
+    (root / "empty").mkdir()
+    wrong_columns = write_glue_run_folder(root / "wrong_columns", "rte")
+    (wrong_columns / "train.tsv").write_text("index\tpremise\thypothesis\tlabel\n0\tBob ran.\tBob moved.\tentailment\n")
+    no_header = write_glue_run_folder(root / "no_header", "rte")
+    (no_header / "train.tsv").write_text("0\tBob ran.\tBob moved.\tentailment\n1\tBob ran.\tBob flew.\tnot_entailment\n")
+    unknown_label = write_glue_run_folder(root / "unknown_label", "rte")
+    write_glue_tsv(unknown_label, "rte", [("Bob ran.", "Bob moved.", "entailment"), ("Bob ran.", "Bob flew.", "maybe")])
+    empty_split = write_glue_run_folder(root / "empty_split", "rte")
+    (empty_split / "dev.tsv").write_text(HEADERS["rte"] + "\n")
+    # A local checkpoint with 64 positions, as save_pretrained writes it.
+    tokenizer = train_wordpiece(["good bad fine awful"], vocab_size=100)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=64)).save_pretrained(root / "bert64")
+    tokenizer.save_pretrained(root / "bert64")
+    (root / "corrupt_run").mkdir()
+    (root / "corrupt_run" / "metrics.json").write_text('{"task": "sst2", "score": 0.9')
+    # A run folder whose training never finished: its config, no weights.
+    unfinished = root / "unfinished_run"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([*FAST, *SYNTHETIC])))
+
+
+# (id, command after `dynbert`, a text the message must hold: the offending value). {root}: the inputs.
+BAD_INPUTS = [
+    ("unknown task", [*TRAIN, "task=glue"], "task/glue"),
+    ("unknown group option", [*TRAIN, "gate=foo"], "gate/foo"),
+    ("misspelled key", [*TRAIN, "lamda=0.3"], "'lamda'"),
+    ("negative lambda", [*TRAIN, "lambda=-1"], "lambda=-1"),
+    ("text lambda", [*TRAIN, "lambda=abc"], "lambda=abc"),
+    ("nan lambda", [*TRAIN, "lambda=nan"], "lambda=nan"),
+    ("data_dir missing", [*RTE, "task.data_dir={root}/nowhere"], "nowhere' does not exist"),
+    ("empty folder", [*RTE, "task.data_dir={root}/empty"], "train.tsv is missing from '{root}/empty'"),
+    ("wrong columns", [*RTE, "task.data_dir={root}/wrong_columns"], "missing ['sentence1', 'sentence2']"),
+    ("header missing", [*RTE, "task.data_dir={root}/no_header"], "columns ['0', 'Bob ran.'"),
+    ("unknown label", [*RTE, "task.data_dir={root}/unknown_label"], "train.tsv line 3 has label 'maybe'"),
+    ("empty split", [*RTE, "task.data_dir={root}/empty_split"], "empty_split/dev.tsv has a header but no examples"),
+    ("model folder missing", [*TRAIN, "model.name_or_path={root}/no_model"], "model.name_or_path={root}/no_model"),
+    ("hub name offline", [*TRAIN, "model.name_or_path=bert-base-uncased"], "'bert-base-uncased'"),
+    ("max_length 0", [*TRAIN, "task.max_length=0"], "task.max_length=0"),
+    ("max_length past positions", [*TRAIN, "model.name_or_path={root}/bert64", "task.max_length=128"],
+     "task.max_length=128 exceeds the model's 64 positions"),
+    ("gate layer out of range", [*TRAIN, "gate.layers=[7]"], "gate.layers=[7]"),
+    ("report on empty folder", ["report", "{root}/empty"], "{root}/empty"),
+    ("report on corrupt metrics", ["report", "{root}/corrupt_run"], "corrupt_run/metrics.json"),
+    ("bench a run without weights", ["bench", "--run", "{root}/unfinished_run", "--out", "{root}/bench"],
+     "{root}/unfinished_run/model holds no trained model"),
+]
+
+
+@pytest.mark.parametrize("args, expected", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_clear_error_and_changes_nothing(tmp_path, args, expected):
+    root = tmp_path / "inputs"
+    make_inputs(root)
+    args = [arg.format(root=root) for arg in args]
+    if args[0] == "train":
+        args.append(f"output_dir={tmp_path / 'run'}")
+    before = snapshot(tmp_path)
+
+    result = invoke(*args)
+
+    assert result.exit_code == 2, result.output  # 1 would mean an unexpected error, not a user mistake
+    assert "Traceback" not in result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ")
+    assert expected.format(root=root) in message
+    after = snapshot(tmp_path)
+    assert {path: after.get(path) for path in before} == before  # nothing there before was changed
+    assert not any(path.endswith(("metrics.json", "bench.json")) for path in set(after) - set(before))
+
+
+def test_a_run_that_failed_before_training_does_not_block_the_corrected_command(tmp_path):
+    failed = invoke(*TRAIN, "gate.layers=[7]", f"output_dir={tmp_path}")
+    assert failed.exit_code == 2 and (tmp_path / "config.yaml").is_file()
+    fixed = invoke(*TRAIN, "gate.layers=[1]", f"output_dir={tmp_path}")
+    assert fixed.exit_code == 0, fixed.output
+    assert OmegaConf.load(tmp_path / "config.yaml").gate.layers == [1]
+
+
+@pytest.mark.parametrize("flags, env", [(["--debug"], {}), ([], {"DYNBERT_DEBUG": "1"})], ids=["--debug", "env"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, flags, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = subprocess.run(dynbert_command(*flags, "train", "lamda=0.3", f"output_dir={tmp_path}"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "DynbertError" in result.stderr and "'lamda'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder faults
+
+# Gates that move within a few steps, so a resumed run differing from an uninterrupted one shows.
+MOVING_GATES = ["lambda=1", "gate.start=0", "gate.bimodal_weight=0", "gate.lr=0.1"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    args = ["train", *FAST, *SYNTHETIC, *MOVING_GATES, "train.checkpoint_every=2", "train.max_steps=8"]
+    # The uninterrupted run, alongside the one to kill.
+    whole = subprocess.Popen(dynbert_command(*args, f"output_dir={tmp_path / 'whole'}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(dynbert_command(*args, f"output_dir={tmp_path / 'killed'}"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it could be killed"
+    assert torch.load(checkpoint, weights_only=True)["step"] < 8
+
+    resumed = run_dynbert(*args, f"output_dir={tmp_path / 'killed'}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    _, whole_stderr = whole.communicate(timeout=120)
+    assert whole.returncode == 0, whole_stderr
+
+    first, again = read_json(tmp_path / "whole" / "metrics.json"), read_json(tmp_path / "killed" / "metrics.json")
+    assert comparable(first) == comparable(again)
+    assert first["flops_ratio"] < 1
+    for name in ("model.safetensors", "gates.safetensors"):
+        a, b = (load_file(tmp_path / run / "model" / name) for run in ("whole", "killed"))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+    assert not checkpoint.exists()
+
+
+def test_finished_run_is_returned_without_training_again(tmp_path):
+    args = [*TRAIN, f"output_dir={tmp_path}"]
+    assert invoke(*args).exit_code == 0
+    before = snapshot(tmp_path)
+
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "already complete" in result.stderr
+    assert result.stdout.splitlines()[-1] == str(tmp_path.resolve())
+    assert snapshot(tmp_path) == before  # no new log line, no new weights
+
+
+def test_other_config_refuses_to_resume_then_force_starts_over(tmp_path):
+    run_dir, fresh = tmp_path / "run", tmp_path / "fresh"
+    small_vocab = "model.vocab_size=60"  # the tokenizer then depends on the data (the seed)
+    assert invoke(*TRAIN, small_vocab, f"output_dir={run_dir}").exit_code == 0
+    before = snapshot(run_dir)
+
+    refused = invoke(*TRAIN, small_vocab, "seed=1", "train.lr=0.001", f"output_dir={run_dir}")
+    assert refused.exit_code == 2
+    assert "differs in" in refused.stderr and "seed" in refused.stderr and "train.lr" in refused.stderr
+    assert "Traceback" not in refused.output
+    assert snapshot(run_dir) == before
+
+    for force in (["--force"], ["train.overwrite=true"]):
+        forced = invoke(*TRAIN, small_vocab, "seed=1", *force, f"output_dir={run_dir}")
+        assert forced.exit_code == 0, forced.output
+        # Started over: the same run as in a folder of its own, tokenizer included.
+        assert invoke(*TRAIN, small_vocab, "seed=1", f"output_dir={fresh}").exit_code == 0
+        assert comparable(read_json(run_dir / "metrics.json")) == comparable(read_json(fresh / "metrics.json"))
+        assert (run_dir / "model" / "tokenizer.json").read_bytes() == (fresh / "model" / "tokenizer.json").read_bytes()
+        assert read_json(run_dir / "metrics.json")["seed"] == 1
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    result = invoke(*TRAIN, "train.lr=1e30", "train.checkpoint_every=1", f"output_dir={tmp_path}")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "not finite at step 2" in result.stderr and "checkpoint of step 1" in result.stderr
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
+    args = [*TRAIN, f"output_dir={tmp_path}"]
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "metrics.json").unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")
+
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "checkpoint.pt is not a usable checkpoint" in result.stderr and "train.overwrite=true" in result.stderr
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"half a checkpoint"

@@ -1,0 +1,103 @@
+"""`dynbert train` end to end: the run folder on every task layout, reproducibility, offline errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from dynbert.train import load_run
+
+from glue_data import GLUE_TASKS, write_glue_run_folder
+from helpers import CONTRACT_KEYS, FAST, SYNTHETIC, comparable, dynbert_command, invoke, read_json
+
+# What `metrics` holds per task (the main metric, and MNLI's mismatched set with `_mm`).
+TASK_METRICS = {
+    "cola": {"matthews_correlation"},
+    "mrpc": {"accuracy", "f1", "combined_score"},
+    "qqp": {"accuracy", "f1", "combined_score"},
+    "stsb": {"pearson", "spearmanr", "combined_score"},
+    "mnli": {"accuracy", "accuracy_mm"},
+    **{task: {"accuracy"} for task in ("sst2", "qnli", "rte", "wnli", "synthetic")},
+}
+MODEL_FILES = {"config.json", "model.safetensors", "gates.safetensors", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.mark.parametrize("task", [*GLUE_TASKS, "synthetic"])
+def test_train_writes_the_run_folder(tmp_path, task):
+    run_dir = tmp_path / "run"
+    if task == "synthetic":
+        data = SYNTHETIC
+    else:
+        data = [f"task={task}", "model=tiny", f"task.data_dir={write_glue_run_folder(tmp_path / 'glue', task)}"]
+    result = invoke("train", *FAST, *data, f"output_dir={run_dir}")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == str(run_dir.resolve())
+    metrics = read_json(run_dir / "metrics.json")
+    assert CONTRACT_KEYS <= set(metrics)
+    assert metrics["task"] == task and metrics["lambda"] == 0.1 and metrics["seed"] == 0
+    assert set(metrics["metrics"]) == TASK_METRICS[task]
+    assert metrics["score"] == metrics["metrics"][metrics["metric"]]
+    assert all(math.isfinite(value) for value in metrics["metrics"].values())
+    assert math.isfinite(metrics["score_soft"])
+    assert len(metrics["kept_per_layer"]) == 2
+    assert metrics["flops_ratio"] == pytest.approx(metrics["flops_per_example"] / metrics["baseline_flops_per_example"])
+    assert MODEL_FILES <= {path.name for path in (run_dir / "model").iterdir()}
+    assert OmegaConf.load(run_dir / "config.yaml").task.name == task
+    assert not (run_dir / "checkpoint.pt").exists()  # removed once the run is complete
+    # The saved model loads back with the run's gates, hardened to exactly 0/1.
+    gates = load_run(run_dir).gates()
+    assert torch.all((gates == 0) | (gates == 1))
+
+
+def test_train_seconds_is_the_training_loops_time(tmp_path):
+    started = time.perf_counter()
+    result = invoke("train", *FAST, *SYNTHETIC, "train.epochs=6", "train.max_steps=null", "train.batch_size=16",
+                    f"output_dir={tmp_path}")
+    elapsed = time.perf_counter() - started
+    assert result.exit_code == 0, result.output
+    # The loop is most of this command: counted twice, it would exceed the whole command's time.
+    assert 0 < read_json(tmp_path / "metrics.json")["train_seconds"] <= elapsed
+
+
+# Gates that move within a few steps: the comparisons below then cover them too.
+MOVING_GATES = ["lambda=1", "gate.start=0", "gate.bimodal_weight=0", "gate.lr=0.1"]
+
+
+def test_same_command_twice_gives_the_same_run(tmp_path):
+    # Two processes, as a user would run them: a tokenizer trained in hash order differed between them.
+    args = ["train", *FAST, *SYNTHETIC, *MOVING_GATES, "train.max_steps=6"]
+    processes = [subprocess.Popen(dynbert_command(*args, f"output_dir={tmp_path / name}"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in "ab"]
+    for name, process in zip("ab", processes):
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert stdout.splitlines() == [str((tmp_path / name).resolve())]  # the folder alone, for scripts
+    first, second = (read_json(tmp_path / name / "metrics.json") for name in "ab")
+    assert comparable(first) == comparable(second)
+    assert first["flops_ratio"] < 1  # the gates did close: a real comparison, not two untouched models
+    for name in ("model.safetensors", "gates.safetensors"):
+        a, b = (load_file(tmp_path / run / "model" / name) for run in "ab")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_hub_name_offline_is_one_clear_line(tmp_path):
+    result = invoke("train", *FAST, *SYNTHETIC, "model.name_or_path=bert-base-uncased", f"output_dir={tmp_path / 'run'}")
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "model.name_or_path=" in result.stderr and "bert-base-uncased" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_glue_task_without_data_dir_offline_says_to_pass_one(tmp_path):
+    result = invoke("train", *FAST, "task=rte", "model=tiny", f"output_dir={tmp_path / 'run'}")
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "task.data_dir=" in result.stderr and "'rte'" in result.stderr
+    assert "Traceback" not in result.output
