@@ -488,7 +488,7 @@ def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...]
     out = Path(out) if out is not None else folder
     runs, bad = load_runs(folder)
     for path, why in bad:
-        console.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(why)}", highlight=False)
+        console.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(why)}", highlight=False, soft_wrap=True)
     if not runs:
         if bad:
             listed = "; ".join(f"{path} ({why})" for path, why in bad)

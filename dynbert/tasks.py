@@ -321,10 +321,16 @@ def compute_metrics(spec: TaskSpec, predictions, labels) -> dict[str, float]:
     if len(predictions) != len(labels) or len(labels) == 0:
         raise ValueError(f"need as many predictions as labels, and some: got {len(predictions)} and {len(labels)}")
     if spec.is_regression:
-        from scipy.stats import pearsonr, spearmanr
+        import warnings
 
-        metrics = {"pearson": float(pearsonr(predictions, labels)[0]),
-                   "spearmanr": float(spearmanr(predictions, labels)[0])}
+        from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
+
+        # Constant predictions (an untrained or collapsed model) have no correlation: scipy says
+        # NaN, which is not JSON; count them as 0, as scikit-learn's Matthews correlation does.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            metrics = {name: float(np.nan_to_num(correlation(predictions, labels)[0], nan=0.0))
+                       for name, correlation in (("pearson", pearsonr), ("spearmanr", spearmanr))}
     elif spec.main_metric == "matthews_correlation":
         from sklearn.metrics import matthews_corrcoef
 

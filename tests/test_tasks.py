@@ -251,3 +251,9 @@ def test_synthetic_rejects_bad_sizes():
 def test_load_glue_refuses_the_synthetic_task(tmp_path):
     with pytest.raises(DynbertError, match="make_synthetic"):
         load_glue(get_task("synthetic"), tmp_path)
+
+
+def test_correlation_of_constant_predictions_is_zero_not_nan():
+    # NaN would make metrics.json invalid JSON for strict readers.
+    metrics = compute_metrics(get_task("stsb"), [2.0, 2.0, 2.0], [0.5, 3.0, 4.5])
+    assert metrics["pearson"] == 0.0 and metrics["spearmanr"] == 0.0
