@@ -101,3 +101,16 @@ def test_glue_task_without_data_dir_offline_says_to_pass_one(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert "task.data_dir=" in result.stderr and "'rte'" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_every_experiment_config_runs_a_few_steps(tmp_path):
+    # An experiment file that composes but cannot train (a key no code reads, a launcher that is
+    # not installed) would first fail in a user's hands: run each for a handful of steps.
+    from dynbert.config import conf_dir
+
+    experiments = sorted(path.stem for path in (conf_dir() / "experiment").glob("*.yaml"))
+    assert experiments
+    for name in experiments:
+        result = invoke("train", f"experiment={name}", *FAST, *SYNTHETIC, f"output_dir={tmp_path / name}")
+        assert result.exit_code == 0, result.output
+        assert read_json(tmp_path / name / "metrics.json")["steps"] == 4
