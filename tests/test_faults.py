@@ -206,3 +206,19 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
     assert "Traceback" not in result.output
     assert "checkpoint.pt is not a usable checkpoint" in result.stderr and "train.overwrite=true" in result.stderr
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"half a checkpoint"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    args = ["train", *FAST, *SYNTHETIC, "train.checkpoint_every=2", "train.max_steps=400",
+            f"output_dir={tmp_path}"]
+    process = subprocess.Popen(dynbert_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    assert 0 < torch.load(checkpoint, weights_only=True)["step"] < 400
+    assert not (tmp_path / "metrics.json").exists()
