@@ -149,15 +149,15 @@ def bench(quick: bool = typer.Option(False, "--quick", help="A small model and f
           threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
           out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json.")):
     """Time pruned inference (gathered vs masked) against plain BERT; print a table, write bench.json."""
-    from .bench import run_bench
+    from .bench import bench_json_path, run_bench
 
     model = None
     if run is not None:
         from .train import load_run
 
         model = load_run(run)
-    result_path = run_bench(quick=quick, dtype=dtype, model=model, threads=threads, out=out, console=stderr)
-    typer.echo(result_path)
+    run_bench(quick=quick, dtype=dtype, model=model, threads=threads, out=out, console=stderr)
+    typer.echo(bench_json_path(out))
 
 
 if __name__ == "__main__":  # pragma: no cover
