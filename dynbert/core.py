@@ -169,10 +169,15 @@ class GatedBert(nn.Module):
             hidden, real, positions = _gather_kept(hidden, real, positions)
             alive, kept_weight = real, real.to(hidden.dtype)
         gates = self.gates() if self.gate_layers else None
+        # Hard mode: a gated layer whose leading open ranks cover every token still present keeps
+        # them all, so it need not score, rank or gather (scoring forces eager attention).
+        open_ranks = _leading_open(gates) if hard and gates is not None else None
         kept_counts, present_per_layer = [], []
 
         for index, layer in enumerate(bert.encoder.layer):
             row = self._gate_row.get(index)
+            if row is not None and open_ranks is not None and open_ranks[row] >= hidden.size(1):
+                row = None
             bias = self._attention_bias(real, kept_weight, hidden.dtype)
             score_kwargs = {}
             if row is not None:
@@ -209,6 +214,13 @@ class GatedBert(nn.Module):
         else:
             bias = torch.where(real, 0.0, blocked).to(dtype)
         return bias[:, None, None, :]
+
+
+@torch.no_grad()
+def _leading_open(gates: torch.Tensor) -> list[int]:
+    """Per gated layer, how many ranks from the first are open (g >= 0.5) before one is closed."""
+    closed = gates < 0.5
+    return torch.where(closed.any(dim=1), closed.int().argmax(dim=1), gates.size(1)).tolist()
 
 
 @torch.no_grad()

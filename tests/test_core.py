@@ -557,3 +557,21 @@ def test_input_longer_than_max_length_raises():
         gated(input_ids, attention_mask)
     with pytest.raises(ValueError, match="tanh"):
         TokenGates(2, 8, "tanh")
+
+
+def test_hard_mode_skips_scoring_where_every_present_token_is_kept(monkeypatch):
+    # Scoring forces eager attention and a sort; a layer that keeps everything must not pay it,
+    # or hard mode with nothing pruned is slower than plain BERT (dynbert bench's full row).
+    import dynbert.core as core
+
+    gated = GatedBert(make_bert(), max_length=POSITIONS).eval()
+    ids, mask = make_batch()
+    ranked = []
+    real_rank = core._rank_tokens
+    monkeypatch.setattr(core, "_rank_tokens", lambda *args: ranked.append(1) or real_rank(*args))
+    with torch.no_grad():
+        gated(ids, mask, hard=True)
+        assert ranked == []
+        gated.gates.raw[1, max(LENGTHS) - 1:] = 0.0  # closes a rank only the longest input reaches
+        out = gated(ids, mask, hard=True)
+    assert len(ranked) == 1 and out.kept[0, 1] == max(LENGTHS) - 1
