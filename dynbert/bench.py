@@ -24,14 +24,19 @@ nothing), ``seconds_median``, ``speedup`` (plain seconds / these seconds) and ``
 
 Timing runs round-robin (one forward of every configuration per round, for a group of one batch
 size and length), so a noisy neighbour slows every configuration alike; the median over rounds is
-reported. FLOPs are counted under ``no_grad`` (the counter sees nothing under ``inference_mode``),
-timing runs under ``inference_mode``.
+reported (``seconds_min`` too). Warm-up runs one forward per distinct set of kernels and shapes.
+FLOPs are counted under ``no_grad`` (the counter sees nothing under ``inference_mode``), timing
+runs under ``inference_mode``.
 
-Batch 1 cannot follow the FLOPs all the way: each layer must read its weights (~28 MB in fp32 for
-BERT-base: 7.1 M parameters) whatever the token count, so a layer cannot get faster than that read,
-and fixed per-layer costs (Python, kernel launches, the gather) do not shrink with the tokens.
-bf16 (``dtype="bf16"``, autocast on CPU) halves the bytes read and, on CPUs with AVX512-BF16 or
-AMX, speeds up the products.
+Batch 1 cannot follow the FLOPs all the way: a layer's six weight products must read its weights
+(7.1 M parameters, ~28 MB in fp32 for BERT-base) whatever the token count, and a CPU GEMM with
+few rows runs far below its peak. On the 2-core machine of the README figures, one layer's
+products took 1.8 ms for 1 token (the weight read, ~15 GB/s), 3.1 ms for 13 and 11 ms for 128:
+time ≈ a floor + a per-token cost, so keeping 10% of 128 tokens gives ~3× rather than ~8×. In a
+batch of 32 the floor is shared by 32 × L rows and time follows the FLOPs. bf16 halves the bytes
+(and on CPUs with AVX512-BF16 or AMX doubles the product rate): 0.5 ms floor, 4.7 ms at 128 tokens.
+``dtype="bf16"`` runs both models under ``torch.autocast``, which re-casts the fp32 weights on every
+forward (~12% of a batch-1 forward); a model converted with ``.to(torch.bfloat16)`` avoids that.
 """
 
 from __future__ import annotations
@@ -77,12 +82,14 @@ POWER_LAST_FRACTION = 0.15
 QUICK_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 """``quick``: a small BERT, so a smoke run finishes in seconds. Full mode: BertConfig defaults."""
 
-FULL = dict(batch_sizes=(1, 32), seq_lens=(128, 64), budget_s=40.0, train_batch=8, train_len=128)
+FULL = dict(batch_sizes=(1, 32), seq_lens=(128, 64), budget_s=25.0, train_batch=8, train_len=128)
 QUICK = dict(batch_sizes=(1, 8), seq_lens=(64,), budget_s=0.0, train_batch=4, train_len=64)
 MIN_ROUNDS, MAX_ROUNDS, QUICK_ROUNDS = 3, 15, 3
 """Timed rounds per group: in full mode as many as fit ``budget_s`` seconds, within these bounds."""
-TRAIN_STEPS = 3
+TRAIN_STEPS = 5
 """Timed optimizer steps for the training overhead (after one warm-up step), median reported."""
+HARD_FULL_ROUNDS = 8
+"""Timed rounds for the nothing-pruned hard-mode overhead (full mode)."""
 
 BENCH_FILE = "bench.json"
 
@@ -113,21 +120,24 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     """Time gathered and masked pruning against plain BERT; write and return ``bench.json``.
 
     ``quick``: a small model, batch 1 and 8, length 64, 3 rounds: a smoke test (seconds).
-    ``batch_sizes``/``seq_lens``: default (1, 32) and (128, 64); quick (1, 8) and (64,).
+    ``batch_sizes``/``seq_lens``: default (1, 32) and (128, 64); quick (1, 8) and (64,). With a
+    ``model``, the default lengths are those within its gates' ``max_length`` (else that length).
     ``schedules``: names from ``SCHEDULES``; default all but ``learned``, plus ``learned`` when a
     ``model`` is given. ``model``: a GatedBert to bench (its weights, gates, gated layers and score);
     it is left as it was found. Without it, random weights of ``model_config`` (default: BERT-base
     sizes; quick: ``QUICK_MODEL``), gated at every layer, score ``attention_received``.
     ``dtype``: ``fp32`` or ``bf16`` (``torch.autocast`` on CPU). ``threads``: torch threads for
     the run (restored after). ``repeats``: timed rounds per (batch, length) group; default 3 in
-    quick mode, else as many as fit ~40 s (3 to 15). ``warmup``: untimed rounds first.
-    ``out``: a folder (``out/bench.json``) or a ``.json`` file path; see ``bench_json_path``.
+    quick mode, else as many as fit ~25 s (3 to 15). ``warmup``: untimed rounds first
+    (one forward per distinct kernel set and shape). ``out``: a folder (``out/bench.json``) or a ``.json`` file path; see ``bench_json_path``.
     """
     from rich.console import Console
 
     console = console or Console()
     preset = QUICK if quick else FULL
     batch_sizes = _positive_ints(batch_sizes or preset["batch_sizes"], "batch size")
+    if not seq_lens and model is not None:  # a trained model's gates cover its own max length only
+        seq_lens = [length for length in preset["seq_lens"] if length <= model.max_length] or [model.max_length]
     seq_lens = _positive_ints(seq_lens or preset["seq_lens"], "sequence length")
     if dtype not in DTYPES:
         raise DynbertError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
@@ -147,6 +157,9 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
         raise DynbertError("schedule 'learned' needs a trained model: it benches the model's own gates")
     if model is not None and model_config is not None:
         raise DynbertError("give either a model or a model_config, not both")
+    if model is not None and not model.gate_layers:
+        raise DynbertError("the model has no gated layer (a gate=none run): there is nothing to prune; "
+                           "bench a gated run, or no run for random BERT-base weights")
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -155,25 +168,23 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
         if model is None:
             gated, plain = _random_models(model_config if model_config is not None
                                           else (QUICK_MODEL if quick else {}), max(seq_lens))
-            restore = None
         else:
             gated, plain = model, _plain_copy(model)
-            restore = (model.training, model.score, model.gates.raw.detach().clone())
         too_long = [length for length in seq_lens if length > gated.max_length]
         if too_long:
             raise DynbertError(f"sequence length(s) {too_long} exceed the model's gate length "
                                f"{gated.max_length}")
+        # The schedules overwrite the gates and the score: leave a given model as it was found.
+        found = (gated.training, gated.score, gated.gates.raw.detach().clone())
         try:
             result = _bench(gated, plain, quick=quick, preset=preset, batch_sizes=batch_sizes,
                             seq_lens=seq_lens, schedules=schedules, dtype=dtype, repeats=repeats,
                             warmup=warmup, console=console)
         finally:
-            if restore is not None:
-                training, score, raw = restore
-                with torch.no_grad():
-                    model.gates.raw.copy_(raw)
-                model.score = score
-                model.train(training)
+            training, gated.score, raw = found
+            with torch.no_grad():
+                gated.gates.raw.copy_(raw)
+            gated.train(training)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -249,24 +260,19 @@ def _set(model: GatedBert, config: _Config) -> None:
 
 def _bench(gated: GatedBert, plain: BertForSequenceClassification, *, quick, preset, batch_sizes,
            seq_lens, schedules, dtype, repeats, warmup, console) -> dict:
-    base_score, base_raw = gated.score, gated.gates.raw.detach().clone()
-    try:
-        return _bench_all(gated, plain, quick=quick, preset=preset, batch_sizes=batch_sizes, seq_lens=seq_lens,
-                          schedules=schedules, dtype=dtype, repeats=repeats, warmup=warmup, console=console)
-    finally:
-        _set(gated, _Config("learned", "gather", base_score, base_raw))
-
-
-def _bench_all(gated, plain, *, quick, preset, batch_sizes, seq_lens, schedules, dtype, repeats, warmup,
-               console) -> dict:
     gated.eval()
     plain.eval()
     config = gated.model.config
-    load_start = os.getloadavg()[0]
+    load_start, started = os.getloadavg()[0], time.perf_counter()
+    _progress(console, started, "counting FLOPs (batch of one, every configuration)")
     model_score = gated.score
     pairs = [(schedule, model_score) for schedule in schedules]
     pairs += [(schedule, other) for schedule in schedules if schedule in COMPARE_SCORE_ON
               for other in SCORES if other != model_score]
+
+    # Every schedule's gates, taken before any is set (``learned`` is the model's own gates).
+    raws = {(schedule, length): schedule_gates(gated, schedule, length)
+            for schedule in schedules for length in set(seq_lens)}
 
     # FLOPs and kept tokens depend on the length only (random tokens, no padding): count once.
     counted = {}
@@ -276,17 +282,17 @@ def _bench_all(gated, plain, *, quick, preset, batch_sizes, seq_lens, schedules,
         counted[PLAIN, PLAIN, None, length] = dict(kept_fraction=1.0, kept_per_layer=[length] * gated.num_layers,
                                                    flops_ratio_analytic=1.0, flops_ratio_measured=1.0)
         for schedule, score in pairs:
-            raw = schedule_gates(gated, schedule, length)
+            raw = raws[schedule, length]
             for mode in MODES:
                 _set(gated, _Config(schedule, mode, score, raw))
-                with torch.no_grad():
-                    output = gated(ids, mask, hard=mode == "gather")
+                outputs = []  # one forward gives both the FLOPs and the kept counts
+                measured = count_matmul_flops(lambda: outputs.append(gated(ids, mask, hard=mode == "gather")))
+                output = outputs[0]
                 kept = output.kept
                 analytic = (flops_per_example(output.num_tokens, kept, config.hidden_size, config.intermediate_size,
                                               config.num_labels)
                             / flops_per_example(output.num_tokens, baseline_kept(output.num_tokens, gated.num_layers),
                                                 config.hidden_size, config.intermediate_size, config.num_labels))
-                measured = count_matmul_flops(gated, ids, mask, hard=mode == "gather")
                 counted[schedule, mode, score, length] = dict(
                     kept_fraction=kept.double().mean().item() / length, kept_per_layer=kept[0].tolist(),
                     flops_ratio_analytic=analytic.item(), flops_ratio_measured=measured / plain_flops)
@@ -295,31 +301,31 @@ def _bench_all(gated, plain, *, quick, preset, batch_sizes, seq_lens, schedules,
     for batch in batch_sizes:
         for length in seq_lens:
             configs = [_Config(PLAIN, PLAIN, None)]
-            for schedule, score in pairs:
-                raw = schedule_gates(gated, schedule, length)
-                configs += [_Config(schedule, mode, score, raw) for mode in MODES]
+            configs += [_Config(schedule, mode, score, raws[schedule, length])
+                        for schedule, score in pairs for mode in MODES]
             ids, mask = _inputs(batch, length, config.vocab_size)
             calls = [_forward_call(gated, plain, c, ids, mask) for c in configs]
-            console.print(f"[dim]timing batch {batch}, length {length}: {len(configs)} configurations[/dim]")
-            seconds, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
-                                                repeats=repeats or (QUICK_ROUNDS if quick else None),
-                                                budget_s=preset["budget_s"])
+            _progress(console, started, f"timing batch {batch}, length {length}: {len(configs)} configurations")
+            times, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
+                                              repeats=repeats or (QUICK_ROUNDS if quick else None),
+                                              budget_s=preset["budget_s"])
             rounds_used[f"{batch}x{length}"] = rounds
+            seconds = [statistics.median(t) for t in times]
             plain_seconds = seconds[0]
-            for c, secs in zip(configs, seconds):
+            for c, secs, each in zip(configs, seconds, times):
                 facts = counted[c.schedule, c.mode, c.score, length]
                 speedup = plain_seconds / secs
                 rows.append(dict(schedule=c.schedule, mode=c.mode, score=c.score, batch_size=batch, seq_len=length,
                                  kept_fraction=facts["kept_fraction"], kept_per_layer=facts["kept_per_layer"],
                                  flops_ratio_analytic=facts["flops_ratio_analytic"],
                                  flops_ratio_measured=facts["flops_ratio_measured"], seconds_median=secs,
-                                 speedup=speedup, efficiency=speedup * facts["flops_ratio_analytic"]))
+                                 seconds_min=min(each), speedup=speedup, efficiency=speedup * facts["flops_ratio_analytic"]))
 
     batch, length = preset["train_batch"], preset["train_len"]
     length = min(length, gated.max_length)
-    console.print(f"[dim]timing hard mode with nothing pruned, batch {batch}, length {length}[/dim]")
+    _progress(console, started, f"timing hard mode with nothing pruned, batch {batch}, length {length}")
     hard_full = _hard_full_overhead(gated, plain, batch, length, dtype, warmup, quick, model_score)
-    console.print(f"[dim]timing training steps, batch {batch}, length {length}[/dim]")
+    _progress(console, started, f"timing training steps, batch {batch}, length {length}")
     train = _train_step_overhead(gated, plain, batch, length, dtype, model_score)
 
     return dict(
@@ -330,7 +336,12 @@ def _bench_all(gated, plain, *, quick, preset, batch_sizes, seq_lens, schedules,
                    parametrization=gated.gates.parametrization),
         rounds=rounds_used, warmup=warmup, load_average=dict(start=load_start, end=os.getloadavg()[0]),
         rows=rows, train_step_overhead=train, hard_full_overhead=hard_full,
+        wall_seconds=time.perf_counter() - started,
     )
+
+
+def _progress(console, started: float, message: str) -> None:
+    console.print(f"[dim]{time.perf_counter() - started:6.0f} s  {message}[/dim]")
 
 
 def _inputs(batch: int, length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,12 +352,17 @@ def _inputs(batch: int, length: int, vocab_size: int) -> tuple[torch.Tensor, tor
     return ids, torch.ones_like(ids)
 
 
-def _forward_call(gated, plain, config: _Config, ids, mask) -> tuple[Callable, Callable]:
-    """(prepare, forward): prepare sets the gates and score outside the timed region."""
+def _forward_call(gated, plain, config: _Config, ids, mask) -> tuple[tuple, Callable, Callable]:
+    """(warm-up key, prepare, forward): prepare sets the gates and score outside the timed region.
+
+    Configurations with the same key run the same kernels on the same shapes (masking runs at full
+    length whatever the schedule), so one warm-up forward serves them all.
+    """
     if config.mode == PLAIN:
-        return (lambda: None), (lambda: plain(input_ids=ids, attention_mask=mask))
+        return (PLAIN,), (lambda: None), (lambda: plain(input_ids=ids, attention_mask=mask))
     hard = config.mode == "gather"
-    return (lambda: _set(gated, config)), (lambda: gated(ids, mask, hard=hard))
+    key = (config.mode, config.score) + ((config.schedule,) if hard else ())
+    return key, (lambda: _set(gated, config)), (lambda: gated(ids, mask, hard=hard))
 
 
 def _autocast(dtype: str):
@@ -355,31 +371,33 @@ def _autocast(dtype: str):
     return contextlib.nullcontext()
 
 
-def _time_round_robin(calls, *, dtype, warmup, repeats, budget_s) -> tuple[list[float], int]:
-    """Median seconds of each call's forward, one of each per round, rounds after ``warmup``.
+def _time_round_robin(calls, *, dtype, warmup, repeats, budget_s) -> tuple[list[list[float]], int]:
+    """Seconds of each call's forward in every timed round (one of each per round, after ``warmup``).
 
-    ``repeats=None``: as many rounds as fit ``budget_s`` at the warm-up round's pace (3 to 15).
+    Warm-up rounds run one call per warm-up key. ``repeats=None``: as many rounds as fit
+    ``budget_s`` at the warm-up's pace (``MIN_ROUNDS`` to ``MAX_ROUNDS``).
     """
-    def one_round(times):
-        start = time.perf_counter()
-        for index, (prepare, forward) in enumerate(calls):
-            prepare()
-            with torch.inference_mode(), _autocast(dtype):
-                begin = time.perf_counter()
-                forward()
-                times[index].append(time.perf_counter() - begin)
-        return time.perf_counter() - start
+    def run(index):
+        _, prepare, forward = calls[index]
+        prepare()
+        with torch.inference_mode(), _autocast(dtype):
+            begin = time.perf_counter()
+            forward()
+            return time.perf_counter() - begin
 
-    pace = None
-    for _ in range(warmup):
-        pace = one_round([[] for _ in calls])
+    first_of_key = {}
+    for index, (key, _, _) in enumerate(calls):
+        first_of_key.setdefault(key, index)
+    pace = {}
+    for _ in range(max(warmup, 1 if repeats is None else 0)):
+        pace = {key: run(index) for key, index in first_of_key.items()}
     if repeats is None:
-        pace = pace if pace is not None else one_round([[] for _ in calls])
-        repeats = min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget_s / pace)))
+        repeats = min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget_s / sum(pace[key] for key, _, _ in calls))))
     times = [[] for _ in calls]
     for _ in range(repeats):
-        one_round(times)
-    return [statistics.median(t) for t in times], repeats
+        for index in range(len(calls)):
+            times[index].append(run(index))
+    return times, repeats
 
 
 def _hard_full_overhead(gated, plain, batch, length, dtype, warmup, quick, score) -> dict:
@@ -388,8 +406,9 @@ def _hard_full_overhead(gated, plain, batch, length, dtype, warmup, quick, score
     raw = schedule_gates(gated, "full", length)
     configs = [_Config(PLAIN, PLAIN, None)] + [_Config("full", "gather", score, raw) for score in SCORES]
     calls = [_forward_call(gated, plain, c, ids, mask) for c in configs]
-    seconds, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
-                                        repeats=QUICK_ROUNDS if quick else 5, budget_s=0.0)
+    times, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
+                                      repeats=QUICK_ROUNDS if quick else HARD_FULL_ROUNDS, budget_s=0.0)
+    seconds = [statistics.median(t) for t in times]
     per_score = {c.score: dict(seconds=secs, overhead_percent=100 * (secs / seconds[0] - 1))
                  for c, secs in zip(configs[1:], seconds[1:])}
     return dict(batch_size=batch, seq_len=length, rounds=rounds, plain_seconds=seconds[0], score=score,

@@ -104,8 +104,8 @@ def test_learned_schedule_uses_the_models_gates_and_leaves_it_as_found(tmp_path)
     model.train()
     before = model.gates.raw.detach().clone()
     out = tmp_path / "nested" / "result.json"
-    result = run_bench(quick=True, model=model, schedules=["learned"], batch_sizes=[2], seq_lens=[32],
-                       threads=1, out=out)
+    result = run_bench(quick=True, model=model, schedules=["keep70", "learned"], batch_sizes=[2], seq_lens=[32],
+                       threads=1, out=out)  # keep70 first: its gates must not leak into learned's
     assert bench_json_path(out) == out and out.is_file()
     learned = _rows(result, schedule="learned", mode="gather")[0]
     assert learned["score"] == "cls_attention"
@@ -136,6 +136,13 @@ def test_mistakes_are_dynbert_errors(tmp_path, kwargs, message):
     with pytest.raises(DynbertError, match=message):
         run_bench(quick=True, model_config=TINY, out=tmp_path, **kwargs)
     assert not (tmp_path / BENCH_FILE).exists()
+
+
+def test_a_model_without_gates_is_refused(tmp_path):
+    torch.manual_seed(0)
+    ungated = GatedBert(BertForSequenceClassification(BertConfig(num_labels=2, **TINY)), max_length=32, gate_layers=[])
+    with pytest.raises(DynbertError, match="no gated layer"):
+        run_bench(quick=True, model=ungated, out=tmp_path)
 
 
 def test_out_path_rule(tmp_path):
