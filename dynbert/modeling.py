@@ -13,11 +13,11 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
 from transformers.utils import logging as hf_logging
 
 from .core import GatedBert
+from .errors import DynbertError
+from .hub import go_offline_if_unreachable
 
 # save_pretrained's shard progress bar is noise in a CLI that draws its own progress.
 hf_logging.disable_progress_bar()
-from .errors import DynbertError
-from .hub import go_offline_if_unreachable
 
 GATES_FILE = "gates.safetensors"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
