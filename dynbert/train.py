@@ -78,8 +78,7 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
     state = _fit(gated, encoded["train"], cfg, run_dir, spec, logger, console)
     train_seconds = state.seconds  # the loop's own time, summed over resumes
 
-    metrics = _evaluate_all(gated, encoded, spec, cfg)
-    gated.gates.harden_()
+    metrics = _evaluate_all(gated, encoded, spec, cfg)  # leaves the gates hardened to 0/1
     save_model(gated, tokenizer, run_dir / MODEL_DIR)
     metrics.update(task=spec.name, baseline=not cfg.gate.enabled, seed=cfg.seed,
                    train_seconds=round(train_seconds, 2), version=__version__,
@@ -198,8 +197,7 @@ def encode(examples: list[Example], tokenizer, max_length: int, spec: TaskSpec) 
     label_dtype = torch.float if spec.num_labels == 1 else torch.long
     cue_mask = None
     if any(e.cue_words for e in examples):
-        cue_mask = [[word is not None and word in set(e.cue_words) for word in batch.word_ids(i)]
-                    for i, e in enumerate(examples)]
+        cue_mask = [[word in e.cue_words for word in batch.word_ids(i)] for i, e in enumerate(examples)]
     return Encoded(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                    labels=torch.tensor([e.label for e in examples], dtype=label_dtype), cue_mask=cue_mask,
                    pad_id=tokenizer.pad_token_id)
