@@ -167,7 +167,7 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     try:
         if model is None:
             gated, plain = _random_models(model_config if model_config is not None
-                                          else (QUICK_MODEL if quick else {}), max(seq_lens))
+                                          else (QUICK_MODEL if quick else {}), max(seq_lens), preset["train_len"])
         else:
             gated, plain = model, _plain_copy(model)
         too_long = [length for length in seq_lens if length > gated.max_length]
@@ -198,8 +198,13 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
 # Models
 
 
-def _random_models(config: BertConfig | dict, max_length: int) -> tuple[GatedBert, BertForSequenceClassification]:
-    """Random weights (timing needs no training), fixed seed; plain BERT is a copy made before wrapping."""
+def _random_models(config: BertConfig | dict, max_length: int,
+                   train_len: int) -> tuple[GatedBert, BertForSequenceClassification]:
+    """Random weights (timing needs no training), fixed seed; plain BERT is a copy made before wrapping.
+
+    The gates cover the longest benched length and the overhead measurements' length (within the
+    model's positions), so those run at their documented length whatever ``seq_lens`` is.
+    """
     if isinstance(config, dict):
         config = BertConfig(**{"num_labels": 2, **config})
     else:
@@ -207,6 +212,7 @@ def _random_models(config: BertConfig | dict, max_length: int) -> tuple[GatedBer
     if max_length > config.max_position_embeddings:
         raise DynbertError(f"sequence length {max_length} exceeds the model's "
                            f"{config.max_position_embeddings} positions")
+    max_length = max(max_length, min(train_len, config.max_position_embeddings))
     with torch.random.fork_rng():
         torch.manual_seed(0)
         bert = BertForSequenceClassification(config)
