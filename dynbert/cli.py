@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .errors import DynbertError
+from .errors import DynbertError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Learn which tokens BERT can drop: gated fine-tuning, λ sweeps, reports, benchmarks.")
@@ -55,7 +55,7 @@ def user_errors(command):
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
             if _debug():
                 raise
-            stderr.print(f"[red]error:[/] {error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            stderr.print(f"[red]error:[/] {error.__class__.__name__}: {first_line(error)}"
                          " (run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 

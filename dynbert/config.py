@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import DynbertError
+from .errors import DynbertError, first_line
 
 
 # The values dynbert.core accepts (a test checks they match). Not imported from there: that would
@@ -51,7 +51,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 def _explain(error: Exception) -> str:
     """Hydra's first line, with what to do instead of what Hydra suggests."""
-    text, first = str(error), _first_line(error)
+    text, first = str(error), first_line(error)
     if first.startswith("Could not override") and "+" in text:
         # Hydra suggests `+key=value`, which would add a key nothing reads: a typo must fail.
         return f"{first} There is no such key: see every key with `dynbert train --cfg`."
@@ -59,11 +59,6 @@ def _explain(error: Exception) -> str:
         listed = text.split("Available options in", 1)[1].split("Config search path")[0].splitlines()[1:]
         return f"{first}; options: {', '.join(line.strip() for line in listed if line.strip())}"
     return first
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def validate(cfg: DictConfig) -> None:

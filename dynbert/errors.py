@@ -12,6 +12,12 @@ class DynbertError(Exception):
     """A mistake the user can fix. The CLI prints its one-sentence message, with no traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message (libraries' messages run to many lines)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)

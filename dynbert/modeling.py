@@ -13,7 +13,7 @@ from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassificati
 from transformers.utils import logging as hf_logging
 
 from .core import GatedBert
-from .errors import DynbertError
+from .errors import DynbertError, first_line
 from .hub import go_offline_if_unreachable
 
 # save_pretrained's shard progress bar is noise in a CLI that draws its own progress.
@@ -84,7 +84,7 @@ def _resolve_pretrained(name_or_path: str) -> str:
 
 def _cannot_load_message(source: str, error: OSError) -> str:
     if Path(source).is_dir():
-        return f"cannot load a BERT model from {source} ({str(error).splitlines()[0]})"
+        return f"cannot load a BERT model from {source} ({first_line(error)})"
     return (f"cannot load '{source}' from the Hugging Face hub (offline, or not a BERT model there): "
             "pass model.name_or_path=<local folder saved with save_pretrained>, "
             "or run offline with model=tiny task=synthetic")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DynbertError, atomic_write_json
+from .errors import DynbertError, atomic_write_json, first_line
 
 STATUS_FILE = "status.json"
 _SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
@@ -34,7 +34,7 @@ def _split_overrides(overrides: list[str]):
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as error:
-        raise DynbertError(f"bad override: {str(error).splitlines()[0]}") from error
+        raise DynbertError(f"bad override: {first_line(error)}") from error
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     swept = {o.get_key_element(): o.input_line for o in parsed if o.is_sweep_override()}
     return plain, swept
@@ -163,7 +163,7 @@ def job(cfg: DictConfig) -> str:
             metrics = train(cfg, console=console)
             status["status"] = "done"
         except Exception as error:  # noqa: BLE001 - a failed run must not stop the others
-            status.update(status="failed", error=f"{error.__class__.__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            status.update(status="failed", error=f"{error.__class__.__name__}: {first_line(error)}")
             console.print(f"[red]failed[/]: {label}: {status['error']}")
     if metrics is not None:
         status.update(score=metrics["score"], flops_ratio=metrics["flops_ratio"])
