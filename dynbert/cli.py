@@ -44,12 +44,12 @@ def user_errors(command):
             if _debug():
                 raise
             stderr.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130 if error.__class__.__name__ == "TrainingInterrupted" else 2)
-        except KeyboardInterrupt:
+            raise typer.Exit(getattr(error, "exit_code", 2))
+        except KeyboardInterrupt as interrupt:  # before any work worth saving began
             if _debug():
                 raise
             stderr.print("[red]interrupted[/]")
-            raise typer.Exit(130)
+            raise typer.Exit(128 + getattr(interrupt, "signum", 2))
         except (typer.Exit, typer.Abort):
             raise
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -20,8 +21,13 @@ CHOICES = {
     "gate.score": ("attention_received", "cls_attention"),
     "gate.parametrization": ("clip", "sigmoid"),
     "gate.layer_weighting": ("linear", "none"),
+    "gate.sparsity": ("ranks", "tokens"),
     "gate.bimodal_schedule": ("hold", "constant"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.precision": ("fp32", "bf16", "fp16"),
 }
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds numpy and torch both accept."""
 
 
 def conf_dir() -> Path:
@@ -66,18 +72,20 @@ def validate(cfg: DictConfig) -> None:
     lam = cfg["lambda"]
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
         raise DynbertError(f"lambda={lam} is not valid: pass a finite number >= 0, e.g. lambda=0.1")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise DynbertError(f"seed={cfg.seed} is not valid: pass an integer, e.g. seed=0")
+    if not _is_int(cfg.seed) or not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
+        raise DynbertError(f"seed={cfg.seed} is not valid: pass an integer from {SEED_RANGE[0]} to "
+                           f"{SEED_RANGE[1]}, e.g. seed=0")
+    _check_output_dir(cfg.output_dir)
     max_length = cfg.task.max_length
     if not isinstance(max_length, int) or max_length < 8:
         raise DynbertError(f"task.max_length={max_length} is not valid: pass an integer >= 8 "
                            "(room for CLS, SEP and text)")
     layers = cfg.gate.layers
-    if layers is not None and (not OmegaConf.is_list(layers)
-                               or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
-        raise DynbertError(f"gate.layers={layers} is not valid: pass null (every layer) or a list "
-                           "of layer indices, e.g. gate.layers=[0,1,2]")
-    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every"):
+    if layers is not None and (not OmegaConf.is_list(layers) or not layers
+                               or not all(_is_int(i) for i in layers)):
+        raise DynbertError(f"gate.layers={layers} is not valid: pass null (every layer) or a non-empty list "
+                           "of layer indices, e.g. gate.layers=[0,1,2] (gate=none trains without gates)")
+    for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "gradient_accumulation_steps"):
         value = cfg.train[key]
         if not _is_int(value) or value < 1:
             raise DynbertError(f"train.{key}={value} is not valid: pass an integer >= 1")
@@ -91,10 +99,35 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise DynbertError(f"{key}={value} is not valid: pass a finite number >= 0")
+    if cfg.gate.start >= 1:
+        raise DynbertError(f"gate.start={cfg.gate.start} is not valid: it is the fraction of training before "
+                           "the gates move, so pass a number in [0, 1), e.g. gate.start=0.5")
+    threads = cfg.train.num_threads
+    if threads is not None and (not _is_int(threads) or threads < 1):
+        raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
+    if not isinstance(cfg.train.group_by_length, bool):
+        raise DynbertError(f"train.group_by_length={cfg.train.group_by_length} is not valid: pass true or false")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             raise DynbertError(f"{key}={value} is not valid: pass one of {', '.join(choices)}")
+
+
+def _check_output_dir(value) -> None:
+    """A run folder that can be created, or one sentence on why ``output_dir=value`` cannot be one."""
+    if value is None or not str(value).strip():
+        raise DynbertError(f"output_dir={value!r} is empty: pass a folder for the run, e.g. "
+                           "output_dir=outputs/runs/my-run (an unset shell variable gives an empty value)")
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DynbertError(f"output_dir={value} is a file, not a folder: pass a new or empty folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DynbertError(f"output_dir={value} cannot be created: {parent} is a file")
+            if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise DynbertError(f"output_dir={value} cannot be created: {parent} is not writable")
+            return
 
 
 def _is_int(value) -> bool:

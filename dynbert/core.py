@@ -26,6 +26,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 SCORES = ("attention_received", "cls_attention")
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
+SPARSITY_TARGETS = ("ranks", "tokens")
 BIMODAL_SCHEDULES = ("hold", "constant")
 
 # A nearly closed token's key gets at least log(1e-6) added to its logits; log(clamp) has no
@@ -118,6 +119,10 @@ class GatedOutput:
     """(batch, num_layers) tokens still present after each layer's gate (non-increasing)."""
     present: torch.Tensor
     """(batch, num_layers, input length) bool: which original positions survive each layer."""
+    kept_soft: torch.Tensor | None = None
+    """Soft mode: (batch, gated layers) the expected fraction of each input's tokens kept after each
+    gated layer (the sum of the tokens' cumulative gates over their count); differentiable. The
+    FLOPs of the following layers scale with it."""
 
 
 class GatedBert(nn.Module):
@@ -172,7 +177,7 @@ class GatedBert(nn.Module):
         # Hard mode: a gated layer whose leading open ranks cover every token still present keeps
         # them all, so it need not score, rank or gather (scoring forces eager attention).
         open_ranks = _leading_open(gates) if hard and gates is not None else None
-        kept_counts, present_per_layer = [], []
+        kept_counts, present_per_layer, kept_soft = [], [], []
 
         for index, layer in enumerate(bert.encoder.layer):
             row = self._gate_row.get(index)
@@ -197,6 +202,7 @@ class GatedBert(nn.Module):
                     attended = attended * token_gate.unsqueeze(-1)
                     kept_weight = kept_weight * token_gate
                     alive = keep
+                    kept_soft.append(kept_weight.sum(dim=1) / num_tokens)
             hidden = layer.feed_forward_chunk(attended)
             kept_counts.append(alive.sum(dim=1))
             present_per_layer.append(_scatter_present(alive, positions, length))
@@ -204,7 +210,8 @@ class GatedBert(nn.Module):
         pooled = bert.pooler(hidden)
         logits = self.model.classifier(self.model.dropout(pooled))
         return GatedOutput(logits=logits, num_tokens=num_tokens, kept=torch.stack(kept_counts, dim=1),
-                           present=torch.stack(present_per_layer, dim=1))
+                           present=torch.stack(present_per_layer, dim=1),
+                           kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
         """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of gates else."""
@@ -271,13 +278,19 @@ def layer_weights(gate_layers: list[int], num_layers: int, weighting: str = "lin
     return torch.tensor([(layer + 1) / num_layers for layer in gate_layers])
 
 
-def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu: float) -> RegularizerParts:
-    """Sparsity (L1 on gates, weighted by depth) plus the bi-modal term g(1 - g).
+def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu: float,
+                     kept_soft: torch.Tensor | None = None) -> RegularizerParts:
+    """Sparsity (L1, weighted by depth) plus the bi-modal term g(1 - g) on every gate but CLS's.
 
-    The means run over every rank but CLS's, whose gate is fixed at 1.
+    Without ``kept_soft`` (``gate.sparsity: ranks``, PoWER-BERT's L1) the sparsity is the mean gate
+    value over all ranks, so ranks that short inputs never reach count as much as the ones they
+    use. With ``kept_soft`` (``tokens``) it is the batch's mean expected kept fraction after each
+    gated layer: only real tokens count, a gate counts as often as it is used, and closing a token
+    early also lowers every later layer's term, as it lowers their FLOPs.
     """
     free = gates[:, 1:]
-    sparsity = lam * (weights.to(free) * free.mean(dim=1)).sum()
+    kept = free.mean(dim=1) if kept_soft is None else kept_soft.mean(dim=0)
+    sparsity = lam * (weights.to(kept) * kept).sum()
     bimodal = mu * (free * (1.0 - free)).mean(dim=1).sum()
     return RegularizerParts(sparsity=sparsity, bimodal=bimodal)
 

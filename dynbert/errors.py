@@ -12,10 +12,29 @@ class DynbertError(Exception):
     """A mistake the user can fix. The CLI prints its one-sentence message, with no traceback."""
 
 
+MESSAGE_LIMIT = 600
+"""The most characters a message quotes from anything else (a line of a file, a library's error)."""
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` as it may appear in a message: control characters escaped, cut to ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit * 4])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def first_line(error: BaseException) -> str:
-    """The first non-blank line of an error's message (libraries' messages run to many lines)."""
+    """The first non-blank line of an error's message (libraries' messages run to many lines), capped."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return shorten(lines[0], MESSAGE_LIMIT) if lines else type(error).__name__
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -24,6 +43,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; a result should be as readable as any file the user makes.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

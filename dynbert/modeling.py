@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification,
+from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification,
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 from .core import GatedBert
 from .errors import DynbertError, first_line
 from .hub import go_offline_if_unreachable
+from .tasks import TaskSpec
 
 # save_pretrained's shard progress bar is noise in a CLI that draws its own progress.
 hf_logging.disable_progress_bar()
@@ -52,23 +54,88 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
-def build_model(model_cfg, num_labels: int, max_length: int, train_texts: list[str]):
-    """The classifier and its tokenizer: a tiny random BERT, a local folder, or a hub name."""
+def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[str]):
+    """The classifier and its tokenizer: a tiny random BERT, a local folder, or a hub name.
+
+    The config carries the task's label names (``id2label``), so a pipeline on the saved model
+    answers "positive", not "LABEL_1".
+    """
+    labels = _label_config(spec)
     if model_cfg.name_or_path is None:
         tokenizer = train_wordpiece(train_texts, model_cfg.vocab_size)
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
                             num_hidden_layers=model_cfg.num_layers,
                             num_attention_heads=model_cfg.num_heads,
                             intermediate_size=model_cfg.intermediate_size,
-                            max_position_embeddings=max(max_length, 128), num_labels=num_labels)
+                            max_position_embeddings=max(max_length, 128), **labels)
         return BertForSequenceClassification(config), tokenizer
     source = _resolve_pretrained(str(model_cfg.name_or_path))
     try:
+        config = AutoConfig.from_pretrained(source)
+        _check_family(source, config)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = BertForSequenceClassification.from_pretrained(source, num_labels=num_labels)
-    except OSError as error:
+        _check_tokenizer(source, tokenizer, config)
+        with _quiet_transformers():
+            model, info = BertForSequenceClassification.from_pretrained(source, output_loading_info=True, **labels)
+    except DynbertError:
+        raise
+    except Exception as error:  # noqa: BLE001 - unreachable hub, truncated or foreign files: one sentence
         raise DynbertError(_cannot_load_message(source, error)) from error
+    _check_loaded(source, info)
     return model, tokenizer
+
+
+SUPPORTED_MODEL_TYPES = ("bert",)
+"""config.json model_type values dynbert can gate (MiniLM checkpoints are BERTs)."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+"""A BERT tokenizer is one of these; without them transformers would invent a tiny vocabulary."""
+NEW_HEAD = ("classifier.",)
+"""Weights a checkpoint may lack: the task's new classification head."""
+
+
+def _label_config(spec: TaskSpec) -> dict:
+    if spec.is_regression:
+        return dict(num_labels=1, problem_type="regression")
+    id2label = dict(enumerate(spec.label_names))
+    return dict(num_labels=spec.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+
+
+def _check_family(source: str, config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise DynbertError(f"model.name_or_path={source} is a '{config.model_type}' model; dynbert gates "
+                           f"{', '.join(SUPPORTED_MODEL_TYPES)} models: pass a checkpoint of one of those")
+
+
+def _check_tokenizer(source: str, tokenizer, config) -> None:
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise DynbertError(f"model.name_or_path={source} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+                           "save the tokenizer beside the weights (tokenizer.save_pretrained) and pass that folder")
+    if len(tokenizer) < config.vocab_size // 2:
+        raise DynbertError(f"the tokenizer in {source} has {len(tokenizer)} tokens but the model "
+                           f"{config.vocab_size}: pass a folder whose tokenizer belongs to its weights")
+
+
+def _check_loaded(source: str, info: dict) -> None:
+    """Only the new head may be missing: anything else would silently be random weights."""
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith(NEW_HEAD))
+    mismatched = sorted(str(item[0]) if isinstance(item, tuple) else str(item) for item in info["mismatched_keys"])
+    if missing or mismatched:
+        names = missing + mismatched
+        listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise DynbertError(f"the encoder weights in {source} do not load ({len(missing)} missing, "
+                           f"{len(mismatched)} of another shape: {listed}): pass a complete checkpoint")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a load report for every new head; dynbert checks the report itself."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _resolve_pretrained(name_or_path: str) -> str:
@@ -82,7 +149,7 @@ def _resolve_pretrained(name_or_path: str) -> str:
     return name_or_path
 
 
-def _cannot_load_message(source: str, error: OSError) -> str:
+def _cannot_load_message(source: str, error: Exception) -> str:
     if Path(source).is_dir():
         return f"cannot load a BERT model from {source} ({first_line(error)})"
     return (f"cannot load '{source}' from the Hugging Face hub (offline, or not a BERT model there): "
@@ -125,8 +192,12 @@ def load_model(folder: Path, gate_cfg, max_length: int):
     if not (folder / GATES_FILE).is_file() or not (folder / "model.safetensors").is_file():
         raise DynbertError(f"{folder} holds no trained model (model.safetensors and {GATES_FILE}); "
                            "train one with `dynbert train` first")
-    model = BertForSequenceClassification.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = BertForSequenceClassification.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: the run is unusable
+        raise DynbertError(f"the model in {folder} does not load ({error.__class__.__name__}: "
+                           f"{first_line(error)}); train it again") from error
     gated = make_gated(model, gate_cfg, max_length)
     raw = load_file(str(folder / GATES_FILE))["gates"]
     if raw.shape != gated.gates.raw.shape:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from collections import Counter, defaultdict
@@ -18,20 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text
+from dynbert.rundir import METRICS_FILE, read_metrics
 
 FORMATS = ("md", "csv", "png", "svg")
 
 FLOPS_NOTE = ("FLOPs are counted analytically per example on its real (unpadded) tokens, after pruning; "
               "the FLOPs ratio is relative to the un-gated model on the same examples (1.0 = no pruning).")
 
-# Keys every metrics.json must hold, with the type each must have (a number is an int or float, not a bool).
-_NUMBER = (int, float)
-REQUIRED = {
-    "task": str, "lambda": _NUMBER, "seed": int, "baseline": bool, "metric": str, "score": _NUMBER,
-    "score_soft": _NUMBER, "metrics": dict, "flops_per_example": _NUMBER,
-    "baseline_flops_per_example": _NUMBER, "flops_ratio": _NUMBER, "kept_per_layer": list,
-    "train_seconds": _NUMBER, "version": object,
-}
 # results.csv puts these first, in this order; the rest follow sorted (metrics.*, kept_per_layer.<i>, extras).
 _CSV_FIRST = ["run_dir", "task", "metric", "baseline", "lambda", "seed", "score", "score_soft",
               "flops_per_example", "baseline_flops_per_example", "flops_ratio", "cue_kept",
@@ -49,44 +41,16 @@ _SUMMARY_FIELDS = {
 
 # --------------------------------------------------------------------------------------------- loading
 
-def _problem(data) -> str | None:
-    """Why a parsed metrics.json cannot be used, or None if it can."""
-    if not isinstance(data, dict):
-        return f"top level is a JSON {type(data).__name__}, not an object"
-    missing = [key for key in REQUIRED if key not in data]
-    if missing:
-        return "missing keys: " + ", ".join(missing)
-    for key, kind in REQUIRED.items():
-        value = data[key]
-        if (isinstance(value, bool) and kind is not bool and kind is not object) or not isinstance(value, kind):
-            expected = "a number" if kind is _NUMBER else kind.__name__
-            return f"'{key}' is {json.dumps(value)[:40]}, expected {expected}"
-    if not all(isinstance(v, _NUMBER) and not isinstance(v, bool) for v in data["kept_per_layer"]):
-        return "'kept_per_layer' must be a list of numbers"
-    cue = data.get("cue_kept")
-    if cue is not None and (isinstance(cue, bool) or not isinstance(cue, _NUMBER)):
-        return f"'cue_kept' is {json.dumps(cue)[:40]}, expected a number or null"
-    return None
-
-
 def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     """Every metrics.json at any depth under `folder`: (good runs, each with "run_dir" added; [(bad file, why)])."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DynbertError(f"{folder} is not a folder: pass a sweep or run folder that holds metrics.json files.")
     runs, bad = [], []
-    for path in sorted(folder.rglob("metrics.json")):
+    for path in sorted(folder.rglob(METRICS_FILE)):
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            bad.append((path, f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"))
-            continue
-        except (OSError, UnicodeDecodeError) as err:
-            bad.append((path, f"cannot be read ({err})"))
-            continue
-        why = _problem(data)
+        data, why = read_metrics(path.parent)
         if why:
             bad.append((path, why))
             continue

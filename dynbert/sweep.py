@@ -3,16 +3,25 @@
 The CLI side (`run_sweep`) reads the sweep config, hands Hydra its overrides in a subprocess
 (`python -m dynbert.sweep --multirun ...`: `@hydra.main` owns sys.argv, and Hydra's launchers,
 joblib or submitit, need its own multirun machinery), then summarises. Each job (`job`) is one
-`train(cfg)` in its own folder `<sweep>/<task>/<run_name>`, keyed by its values rather than a
-job number, so re-running the sweep finds finished runs and skips them.
+`train(cfg)` in its own folder `<sweep>/<task>/<run_name>[-<key>=<value>...]`: the run name holds
+λ, the gate and the seed, and every other swept key is appended, so two jobs never share a folder
+and re-running the sweep finds finished runs and skips them.
+
+Signals: the sweep's jobs run in their own process group. Ctrl-C or SIGTERM on `dynbert sweep`
+is passed to that group as SIGTERM: running jobs checkpoint and stop, jobs not yet started do not
+start, and nothing is left running in the background.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,8 +31,15 @@ from rich.table import Table
 
 from .errors import DynbertError, atomic_write_json, first_line
 
-STATUS_FILE = "status.json"
 _SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
+NAMED_KEYS = ("task", "lambda", "seed", "gate", "output_dir")
+"""Swept keys the run folder already names (``<task>/<gate>-lambda<λ>-seed<seed>``)."""
+
+
+class SweepInterrupted(DynbertError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _split_overrides(overrides: list[str]):
@@ -48,6 +64,10 @@ def _count_jobs(overrides: list[str]) -> int:
     return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
 
 
+def _key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
+
+
 def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]:
     """The sweep folder and the override lists of its multiruns (the grid, then the baseline)."""
     from .config import compose_config
@@ -55,19 +75,21 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
     plain, swept = _split_overrides(overrides)
     # Compose with every value of each swept key (the others at their first), so a bad key or value
     # fails here, before any run, not as one failed job among many.
-    values = {line.split("=", 1)[0]: _values(line) for line in swept.values()}
+    values = {_key(line): _values(line) for line in swept.values()}
     probe = {key: f"{key}={choices[0]}" for key, choices in values.items() if choices}
     cfg = compose_config(plain + list(probe.values()))
     for key, choices in values.items():
         for value in choices[1:]:
             compose_config(plain + list({**probe, key: f"{key}={value}"}.values()))
-    user_keys = {line.split("=", 1)[0].lstrip("+~") for line in plain} | set(swept)
+    user_keys = {_key(line) for line in plain} | {_key(key) for key in swept}
     folder = Path(cfg.output_dir) if "output_dir" in user_keys else Path("outputs/sweeps") / cfg.sweep.name
-    passed = [line for line in plain if not line.startswith("output_dir=")]
-    grid = dict(swept)
-    for key, values in cfg.sweep.params.items():
+    passed = [line for line in plain if _key(line) != "output_dir"]
+    grid = {_key(key): line for key, line in swept.items()}
+    for key, line in cfg.sweep.params.items():
         if key not in user_keys:
-            grid[key] = f"{key}={values}"
+            grid[key] = f"{key}={line}"
+    # Each job names its folder after these keys (see `run_folder`).
+    passed.append(f"sweep.swept_keys=[{','.join(sorted(grid))}]")
     runs = [passed + list(grid.values())]
     if cfg.sweep.baseline and cfg.gate.enabled and "gate" not in user_keys:
         baseline_grid = [line for key, line in grid.items() if key != "lambda"]
@@ -82,6 +104,21 @@ def _values(line: str) -> list[str]:
     return [str(value) for value in override.sweep_iterator()]
 
 
+def run_folder(sweep_dir: Path, cfg: DictConfig, job_overrides: list[str]) -> Path:
+    """``<sweep>/<task>/<run_name>`` plus ``-<key>=<value>`` for each swept key the name lacks."""
+    given = {_key(line): line.split("=", 1)[1] for line in job_overrides if "=" in line}
+    extra = [f"-{key}={_slug(given[key])}" for key in cfg.sweep.swept_keys if key not in NAMED_KEYS and key in given]
+    return Path(sweep_dir) / cfg.task.name / (cfg.run_name + "".join(extra))
+
+
+def _slug(value: str) -> str:
+    """A value as a folder-name part: readable when it can be, unique always."""
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", value)
+    if safe == value and len(value) <= 40:
+        return value
+    return f"{safe[-24:].lstrip('_')}~{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+
+
 def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     """Run every job of the sweep not already complete; print a summary; return (folder, failed)."""
     folder, multiruns, _ = plan_sweep(overrides)
@@ -91,16 +128,51 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     from .config import conf_dir
 
     env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total)})
+    stopped = None
     for runs in multiruns:
+        # hydra.sweep.subdir=.: each job computes its own folder (run_folder); Hydra writes nothing
+        # into run folders (no .hydra/, no job log), which dynbert owns.
         command = [sys.executable, "-m", "dynbert.sweep", "--multirun", "--config-dir", str(conf_dir()),
-                   "--config-name", "config", f"hydra.sweep.dir={folder}",
-                   "hydra.sweep.subdir=${task.name}/${run_name}", *runs]
+                   "--config-name", "config", f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=.",
+                   "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", *runs]
+        stopped = _run_in_own_group(command, env)
+        if stopped is not None:
+            break
+    failed = _summarize(folder, sweep_id, total, console)
+    if stopped is not None:
+        raise SweepInterrupted(f"sweep {'interrupted' if stopped == signal.SIGINT else 'stopped by SIGTERM'}; "
+                               f"running runs saved a checkpoint and finished runs are kept in {folder}: "
+                               "run the same command again to complete it", exit_code=128 + stopped)
+    return folder, failed
+
+
+def _run_in_own_group(command: list[str], env: dict) -> int | None:
+    """Run the multirun in its own process group; pass Ctrl-C/SIGTERM on to that whole group.
+
+    Returns the signal that stopped it, or None. The group gets SIGTERM either way: every job
+    checkpoints and stops, and no job process outlives `dynbert sweep`.
+    """
+    process = subprocess.Popen(command, env=env, stdout=_stderr_fd(), start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):  # noqa: ARG001
+        received.append(signum)
         try:
-            subprocess.run(command, env=env, check=False, stdout=_stderr_fd())
-        except KeyboardInterrupt:
-            raise DynbertError(f"sweep interrupted; finished runs are kept in {folder}: "
-                               "run the same command again to complete it") from None
-    return folder, _summarize(folder, sweep_id, total, console)
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if process.poll() is None:  # we are being torn down: take the jobs with us
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+    return received[0] if received else None
 
 
 def _stderr_fd() -> int | None:
@@ -112,7 +184,9 @@ def _stderr_fd() -> int | None:
         return None
 
 
-def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int:
+def _statuses(folder: Path, sweep_id: str | None) -> list[dict]:
+    from .rundir import STATUS_FILE
+
     statuses = []
     for path in sorted(folder.rglob(STATUS_FILE)):
         try:
@@ -121,19 +195,27 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
             continue
         if status.get("sweep_id") == sweep_id:
             statuses.append(status)
-    counts = {name: sum(s["status"] == name for s in statuses) for name in ("done", "skipped", "failed")}
+    return statuses
+
+
+def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int:
+    statuses = _statuses(folder, sweep_id)
+    names = ("done", "skipped", "failed", "interrupted")
+    counts = {name: sum(s["status"] == name for s in statuses) for name in names}
     missing = total - len(statuses)
     table = Table(title=f"sweep {folder}")
-    for column in ("task", "λ", "gate", "seed", "status", "score", "FLOPs ratio", "note"):
+    for column in ("task", "λ", "gate", "seed", "run", "status", "score", "FLOPs ratio", "note"):
         table.add_column(column)
     for s in statuses:
-        table.add_row(s["task"], f"{s['lambda']:g}", s["gate"], str(s["seed"]), s["status"],
-                      f"{s['score']:.4f}" if s.get("score") is not None else "",
+        table.add_row(s["task"], f"{s['lambda']:g}", s["gate"], str(s["seed"]), Path(s["run_dir"]).name,
+                      s["status"], f"{s['score']:.4f}" if s.get("score") is not None else "",
                       f"{s['flops_ratio']:.3f}" if s.get("flops_ratio") is not None else "",
                       s.get("error", ""))
     console.print(table)
     console.print(f"done {counts['done']}, skipped (already complete) {counts['skipped']}, "
-                  f"failed {counts['failed']}" + (f", did not report {missing}" if missing > 0 else ""))
+                  f"failed {counts['failed']}"
+                  + (f", interrupted {counts['interrupted']}" if counts["interrupted"] else "")
+                  + (f", did not report {missing}" if missing > 0 else ""))
     return counts["failed"] + max(missing, 0)
 
 
@@ -141,10 +223,14 @@ def job(cfg: DictConfig) -> str:
     """One run of the sweep: skip it if complete, else train (resuming a checkpoint); never raise."""
     from hydra.core.hydra_config import HydraConfig
 
+    from . import stop
     from .config import validate
-    from .train import read_complete_metrics, train
+    from .rundir import STATUS_FILE, differing_keys, load_run_config, read_complete_metrics, take_ownership
+    from .train import TrainingInterrupted, train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop.install()
+    hydra = HydraConfig.get()
+    run_dir = run_folder(Path(hydra.sweep.dir), cfg, list(hydra.overrides.task))
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)
     cfg.pop("hydra", None)
@@ -152,40 +238,52 @@ def job(cfg: DictConfig) -> str:
                   seed=cfg.seed, run_dir=str(run_dir))
     status["lambda"] = float(cfg["lambda"])
     console = Console(stderr=True)
-    label = f"{cfg.task.name} λ={cfg['lambda']:g} gate={cfg.gate.name} seed={cfg.seed}"
+    label = f"{cfg.task.name} λ={cfg['lambda']:g} gate={cfg.gate.name} seed={cfg.seed} ({run_dir.name})"
+    try:
+        take_ownership(run_dir)
+    except DynbertError as error:  # not ours: write nothing there (the summary counts it as unreported)
+        console.print(f"[red]failed[/]: {label}: {error}")
+        return "failed"
     metrics = read_complete_metrics(run_dir)
-    if metrics is not None:
-        status["status"] = "skipped"
-    else:
-        console.print(f"[bold]run {_finished(run_dir) + 1}/{os.environ.get(_SWEEP_TOTAL, '?')}[/]: {label}")
-        try:
-            validate(cfg)
-            metrics = train(cfg, console=console)
-            status["status"] = "done"
-        except Exception as error:  # noqa: BLE001 - a failed run must not stop the others
-            status.update(status="failed", error=f"{error.__class__.__name__}: {first_line(error)}")
-            console.print(f"[red]failed[/]: {label}: {status['error']}")
-    if metrics is not None:
-        status.update(score=metrics["score"], flops_ratio=metrics["flops_ratio"])
-    atomic_write_json(run_dir / STATUS_FILE, status)
+    if metrics is not None and differing_keys(load_run_config(run_dir), cfg):
+        metrics = None  # another run's result: train() refuses it and says why
+    with stop.deferred():
+        if metrics is not None:
+            status["status"] = "skipped"
+        elif stop.requested():
+            status.update(status="interrupted", error="not started: the sweep was stopped")
+        else:
+            console.print(f"[bold]run {_finished(Path(hydra.sweep.dir)) + 1}/{os.environ.get(_SWEEP_TOTAL, '?')}[/]: {label}")
+            try:
+                validate(cfg)
+                metrics = train(cfg, console=console)
+                status["status"] = "done"
+            except TrainingInterrupted as error:
+                status.update(status="interrupted", error=first_line(error))
+                console.print(f"[yellow]interrupted[/]: {label}: {status['error']}")
+            except Exception as error:  # noqa: BLE001 - a failed run must not stop the others
+                status.update(status="failed", error=f"{error.__class__.__name__}: {first_line(error)}")
+                console.print(f"[red]failed[/]: {label}: {status['error']}")
+        if metrics is not None:
+            status.update(score=metrics["score"], flops_ratio=metrics["flops_ratio"])
+        atomic_write_json(run_dir / STATUS_FILE, status)
     return status["status"]
 
 
-def _finished(run_dir: Path) -> int:
+def _finished(sweep_dir: Path) -> int:
     """Runs of this sweep invocation that have finished so far (for the progress line)."""
-    sweep_id, count = os.environ.get(_SWEEP_ID), 0
-    for path in run_dir.parent.parent.rglob(STATUS_FILE):
-        try:
-            count += json.loads(path.read_text()).get("sweep_id") == sweep_id
-        except (OSError, ValueError):
-            pass
-    return count
+    return len(_statuses(sweep_dir, os.environ.get(_SWEEP_ID)))
 
 
 def _main() -> None:
     import hydra
 
-    hydra.main(config_path=None, config_name="config", version_base=None)(job)()
+    from . import stop
+
+    # This process only schedules jobs: a stop signal is recorded, the jobs see it and stop.
+    stop.install()
+    with stop.deferred():
+        hydra.main(config_path=None, config_name="config", version_base=None)(job)()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dynbert import core
+from dynbert.train import PRECISIONS
 from dynbert.config import CHOICES, compose_config, conf_dir
 from dynbert.errors import DynbertError
 
@@ -96,8 +97,11 @@ def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch
 
 
 def test_choices_checked_in_the_config_are_the_ones_core_accepts():
-    assert CHOICES == {"gate.score": core.SCORES, "gate.parametrization": core.PARAMETRIZATIONS,
-                       "gate.layer_weighting": core.LAYER_WEIGHTINGS, "gate.bimodal_schedule": core.BIMODAL_SCHEDULES}
+    assert {key: CHOICES[key] for key in CHOICES if key.startswith("gate.")} == {
+        "gate.score": core.SCORES, "gate.parametrization": core.PARAMETRIZATIONS,
+        "gate.layer_weighting": core.LAYER_WEIGHTINGS, "gate.sparsity": core.SPARSITY_TARGETS,
+        "gate.bimodal_schedule": core.BIMODAL_SCHEDULES}
+    assert CHOICES["train.precision"] == tuple(PRECISIONS)
     with pytest.raises(DynbertError, match="gate.score=foo is not valid: pass one of attention_received, cls_attention"):
         compose_config(["gate.score=foo"])
 

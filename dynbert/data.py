@@ -1,0 +1,121 @@
+"""Examples to tensors: the splits a run uses, tokenization, batches and their order.
+
+Training batches are length-grouped by default (like HF's ``group_by_length``): the examples are
+shuffled, then sorted by length inside large chunks, so each batch pads to little more than its
+longest member. The order is a pure function of (seed, epoch), so a run resumes mid-epoch on the
+same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from .errors import DynbertError
+from .tasks import Example, TaskSpec, load_glue, make_synthetic
+
+GROUP_CHUNK_BATCHES = 50
+"""Length grouping sorts within chunks of this many batches (HF's megabatches use 50)."""
+
+
+def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
+    """{"train": [...], <each eval split>: [...]}, cut to train.max_train/eval_samples."""
+    if spec.name == "synthetic":
+        task = cfg.task
+        splits = make_synthetic(task.num_train, task.num_eval, cfg.seed, task.min_words, task.max_words)
+    else:
+        splits = load_glue(spec, cfg.task.data_dir)
+    limits = {"train": cfg.train.max_train_samples}
+    limits.update({name: cfg.train.max_eval_samples for name in spec.eval_splits})
+    return {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    """None for encoders without token types (RoBERTa, DistilBERT)."""
+    labels: torch.Tensor
+    cue_mask: list[list[bool]] | None
+    """Synthetic only: which tokens belong to a cue word or its negator."""
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+def encode(examples: list[Example], tokenizer, max_length: int, spec: TaskSpec) -> Encoded:
+    """Tokenize without padding (batches pad to their own longest input)."""
+    texts_b = [e.text_b for e in examples]
+    batch = tokenizer([e.text_a for e in examples], texts_b if any(texts_b) else None,
+                      truncation=True, max_length=max_length)
+    label_dtype = torch.float if spec.is_regression else torch.long
+    cue_mask = None
+    if any(e.cue_words for e in examples):
+        cue_mask = []
+        for i, example in enumerate(examples):
+            cues = set(example.cue_words)
+            cue_mask.append([word in cues for word in batch.word_ids(i)])
+    return Encoded(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                   labels=torch.tensor([e.label for e in examples], dtype=label_dtype), cue_mask=cue_mask,
+                   pad_id=tokenizer.pad_token_id)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    labels: torch.Tensor
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.token_type_ids),
+                     move(self.labels))
+
+
+def collate(data: Encoded, indices: list[int]) -> Batch:
+    """The examples at ``indices``, right-padded to the longest of them."""
+    longest = max(len(data.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), longest), data.pad_id, dtype=torch.long)
+    types = torch.zeros((len(indices), longest), dtype=torch.long) if data.token_type_ids is not None else None
+    mask = torch.zeros((len(indices), longest), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        if types is not None:
+            types[row, :n] = torch.tensor(data.token_type_ids[i])
+        mask[row, :n] = 1
+    return Batch(ids, mask, types, data.labels[indices])
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool = True) -> list[list[int]]:
+    """The training batches of one epoch, in order: a pure function of its arguments.
+
+    Shuffled with a generator seeded by (seed, epoch). With ``group_by_length``, each chunk of
+    ``GROUP_CHUNK_BATCHES`` batches is sorted by length before it is cut into batches, and the
+    batches are then shuffled again, so lengths do not follow a long-to-short pattern in time.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    chunk = batch_size * GROUP_CHUNK_BATCHES
+    batches = []
+    for start in range(0, len(order), chunk):
+        members = sorted(order[start:start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
+
+
+def check_not_empty(data: Encoded, spec: TaskSpec) -> None:
+    if len(data) == 0:
+        raise DynbertError(f"task {spec.name} has no training examples")

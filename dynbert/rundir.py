@@ -1,0 +1,324 @@
+"""The run folder: what dynbert writes there, what it may delete, who may write, and its schema.
+
+A run folder is a contract (README, "The run folder"). dynbert only ever deletes what it can prove
+it wrote: a folder is dynbert's when it holds ``OWNER_FILE`` (written when dynbert created the
+folder or found it empty), and even then only the names in ``OWNED_NAMES`` are removed. A folder
+that holds anything else and no owner file is refused, never cleaned.
+
+One process at a time writes a run folder: ``RunLock`` holds ``LOCK_FILE`` (pid, host, SLURM job)
+for the whole run; a second process is told who holds it; a dead holder's lock is taken over.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import DynbertError, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOG_FILE = "config.yaml", "metrics.json", "checkpoint.pt", "train.log"
+MODEL_DIR, STATUS_FILE = "model", "status.json"
+OWNER_FILE, LOCK_FILE = ".dynbert-run", ".dynbert-lock"
+OWNED_NAMES = (METRICS_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_DIR, STATUS_FILE)
+"""What a fresh start removes from a folder that dynbert owns (config.yaml is rewritten)."""
+
+EXECUTION_KEYS = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep")
+"""Keys that change how a run is executed, not what it computes: they may differ on resume."""
+
+# ---------------------------------------------------------------------------------------------
+# metrics.json: one schema for train (writer), report and sweep (readers) and the tests.
+
+_NUMBER = (int, float)
+METRICS_SCHEMA: dict[str, type | tuple] = {
+    "task": str, "lambda": _NUMBER, "seed": int, "baseline": bool, "metric": str, "score": _NUMBER,
+    "score_soft": _NUMBER, "metrics": dict, "flops_per_example": _NUMBER,
+    "baseline_flops_per_example": _NUMBER, "flops_ratio": _NUMBER, "kept_per_layer": list,
+    "train_seconds": _NUMBER, "version": object,
+}
+"""Keys every finished run's metrics.json holds, with the type each must have."""
+_POSITIVE = ("flops_per_example", "baseline_flops_per_example", "flops_ratio")
+
+
+def metrics_problem(data) -> str | None:
+    """Why a parsed metrics.json cannot be used (one phrase), or None if it can.
+
+    Beyond types: numbers must be finite, FLOPs positive, λ >= 0, kept fractions in [0, 1]. A file
+    that breaks these was not written by a healthy run, and averaging it would show a wrong result.
+    """
+    if not isinstance(data, dict):
+        return f"top level is a JSON {type(data).__name__}, not an object"
+    missing = [key for key in METRICS_SCHEMA if key not in data]
+    if missing:
+        return "missing keys: " + ", ".join(missing)
+    for key, kind in METRICS_SCHEMA.items():
+        value = data[key]
+        if (isinstance(value, bool) and kind is not bool and kind is not object) or not isinstance(value, kind):
+            expected = "a number" if kind is _NUMBER else kind.__name__
+            return f"'{key}' is {json.dumps(value)[:40]}, expected {expected}"
+        if kind is _NUMBER and not math.isfinite(value):
+            return f"'{key}' is {value}, expected a finite number"
+    for key in _POSITIVE:
+        if data[key] <= 0:
+            return f"'{key}' is {data[key]}, expected a number > 0"
+    if data["lambda"] < 0:
+        return f"'lambda' is {data['lambda']}, expected a number >= 0"
+    kept = data["kept_per_layer"]
+    if not all(isinstance(v, _NUMBER) and not isinstance(v, bool) and 0 <= v <= 1 for v in kept):
+        return "'kept_per_layer' must be a list of fractions in [0, 1]"
+    cue = data.get("cue_kept")
+    if cue is not None and (isinstance(cue, bool) or not isinstance(cue, _NUMBER) or not math.isfinite(cue)):
+        return f"'cue_kept' is {json.dumps(cue)[:40]}, expected a number or null"
+    return None
+
+
+def read_metrics(run_dir: Path) -> tuple[dict | None, str | None]:
+    """(metrics, None) for a usable metrics.json; (None, why) otherwise; (None, None) when absent."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError) as error:
+        return None, f"cannot be read ({error.__class__.__name__})"
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as error:
+        return None, f"not valid JSON ({str(error)[:80]})"
+    why = metrics_problem(data)
+    return (None, why) if why else (data, None)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"holds {name}, which is not a number JSON allows")
+
+
+def read_complete_metrics(run_dir: Path) -> dict | None:
+    """The run's metrics.json if it is complete and sane, else None (missing, corrupt or partial)."""
+    return read_metrics(run_dir)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ownership
+
+
+def is_owned(run_dir: Path) -> bool:
+    return (run_dir / OWNER_FILE).is_file()
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What a folder without an owner file holds (the lock aside): dynbert did not write it."""
+    if not run_dir.is_dir() or is_owned(run_dir):
+        return []
+    return sorted(entry.name for entry in run_dir.iterdir() if entry.name != LOCK_FILE)
+
+
+def refuse_foreign(run_dir: Path) -> None:
+    """One sentence, and nothing written, when ``run_dir`` holds files that dynbert did not write."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DynbertError(f"output_dir {run_dir} already holds files that dynbert did not write ({listed}); "
+                           "pass a new or empty folder: dynbert never writes into or cleans a folder it does not own")
+
+
+def take_ownership(run_dir: Path) -> None:
+    """Mark a folder that dynbert created, or found empty, as a dynbert run folder."""
+    refuse_foreign(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_owned(run_dir):
+        atomic_write_json(run_dir / OWNER_FILE, {"run_id": uuid.uuid4().hex, "created": time.time()})
+
+
+def remove_owned_outputs(run_dir: Path) -> None:
+    """Delete what an earlier run in this (owned) folder wrote, so a fresh start cannot mix with it."""
+    if not is_owned(run_dir):
+        raise AssertionError(f"refusing to clean {run_dir}: dynbert does not own it")
+    for name in OWNED_NAMES:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock
+
+
+def _holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            "slurm_job": os.environ.get("SLURM_JOB_ID")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _stale(holder: dict) -> bool:
+    """A lock whose holder cannot be running any more: a dead pid on this host, or our own
+    SLURM job requeued (possibly on another node)."""
+    if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+        return True
+    return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+
+
+class RunLock:
+    """Exclusive use of a run folder for one process (a context manager)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        refuse_foreign(self.path.parent)  # the lock is the first thing written into the folder
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self._read()
+                if holder is None or not _stale(holder):
+                    raise DynbertError(self._busy_message(holder)) from None
+                # Take a dead holder's lock: rename it away (atomic: of two takers only one renames
+                # it), then create ours; the loser finds our fresh lock next time round.
+                try:
+                    os.rename(self.path, self.path.with_name(f"{LOCK_FILE}.stale-{uuid.uuid4().hex[:8]}"))
+                except FileNotFoundError:
+                    pass
+                for stale in self.path.parent.glob(f"{LOCK_FILE}.stale-*"):
+                    stale.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump(_holder(), handle)
+            self.held = True
+            return
+        raise DynbertError(self._busy_message(self._read()))
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def _read(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a holder that is creating it right now, or garbage
+
+    def _busy_message(self, holder: dict | None) -> str:
+        folder = self.path.parent
+        if not holder:
+            return (f"run folder {folder} is locked ({self.path.name} is unreadable): if no dynbert "
+                    f"process uses it, delete {self.path} and run again")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        return (f"run folder {folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"(since {since}): wait for it to finish, pass another output_dir, or, if that process "
+                f"is gone, delete {self.path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# config.yaml: the run's identity
+
+
+def claim(run_dir: Path, cfg: DictConfig) -> None:
+    """Make ``run_dir`` this run's folder (it must be locked by the caller).
+
+    A folder holding the same run (same config but for execution keys) is resumed as it is. One
+    holding another run's progress (a checkpoint or metrics) is refused unless train.overwrite. A
+    dynbert folder with no progress (a run that failed early) is cleaned and reused, so the
+    corrected command just works. Only dynbert's own outputs are ever deleted.
+    """
+    take_ownership(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    has_progress = any((run_dir / name).is_file() for name in (METRICS_FILE, CHECKPOINT_FILE))
+    if config_path.is_file() and has_progress and not cfg.train.overwrite:
+        try:
+            previous = OmegaConf.load(config_path)
+        except Exception as error:  # noqa: BLE001 - any unreadable YAML
+            raise DynbertError(f"{config_path} is unreadable ({error.__class__.__name__}); pass "
+                               "train.overwrite=true to start over in that folder") from error
+        differ = differing_keys(previous, cfg)
+        if differ:
+            raise DynbertError(f"{run_dir} holds another run (differs in {', '.join(differ[:6])}); "
+                               "pass train.overwrite=true to start over, or another output_dir")
+    else:
+        remove_owned_outputs(run_dir)
+    atomic_write_text(config_path, OmegaConf.to_yaml(cfg))
+
+
+def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
+    flat_old, flat_new = _flatten(OmegaConf.to_container(old)), _flatten(OmegaConf.to_container(new))
+    keys = sorted(set(flat_old) | set(flat_new))
+    return [k for k in keys if flat_old.get(k) != flat_new.get(k)
+            and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)]
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """config.yaml of a run folder that `dynbert train` wrote, or one sentence on why not."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DynbertError(f"{run_dir} is not a run folder (no {CONFIG_FILE}): pass a folder "
+                           "that `dynbert train` wrote")
+    try:
+        cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+        cfg.gate, cfg.task.max_length  # noqa: B018 - a dynbert config has both
+    except Exception as error:  # noqa: BLE001 - not YAML, or not a dynbert config
+        raise DynbertError(f"{run_dir / CONFIG_FILE} is not a dynbert run config "
+                           f"({error.__class__.__name__}): pass a folder that `dynbert train` wrote") from error
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: state dicts only, loaded with weights_only=True (nothing is unpickled).
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    import torch  # here, not at the top: `dynbert report` reads run folders without loading torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - truncated, foreign or corrupt: all unusable
+        raise DynbertError(f"{path} is not a usable checkpoint ({error.__class__.__name__}); delete it "
+                           "to restart this run, or pass train.overwrite=true") from error
