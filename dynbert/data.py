@@ -9,11 +9,11 @@ same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from .errors import DynbertError
 from .tasks import Example, TaskSpec, load_glue, make_synthetic
 
 GROUP_CHUNK_BATCHES = 50
@@ -26,10 +26,19 @@ def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
         task = cfg.task
         splits = make_synthetic(task.num_train, task.num_eval, cfg.seed, task.min_words, task.max_words)
     else:
-        splits = load_glue(spec, cfg.task.data_dir)
+        splits = load_glue(spec, glue_data_dir(cfg, spec))
     limits = {"train": cfg.train.max_train_samples}
     limits.update({name: cfg.train.max_eval_samples for name in spec.eval_splits})
     return {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
+
+
+def glue_data_dir(cfg: DictConfig, spec: TaskSpec) -> str | None:
+    """task.data_dir, else the task's folder under glue_dir (GLUE's download layout), else None (hub)."""
+    if cfg.task.data_dir is not None:
+        return str(Path(str(cfg.task.data_dir)).expanduser())
+    if cfg.glue_dir is not None:
+        return str(Path(str(cfg.glue_dir)).expanduser() / spec.folder)
+    return None
 
 
 @dataclass
@@ -114,8 +123,3 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
         batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]
-
-
-def check_not_empty(data: Encoded, spec: TaskSpec) -> None:
-    if len(data) == 0:
-        raise DynbertError(f"task {spec.name} has no training examples")
