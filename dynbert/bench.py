@@ -65,7 +65,7 @@ from dynbert.core import (
     gate_regularizer,
     layer_weights,
 )
-from dynbert.errors import DynbertError, atomic_write_json
+from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
 
 SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power", "learned")
 DEFAULT_SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power")
@@ -134,6 +134,10 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     from rich.console import Console
 
     console = console or Console()
+    path = bench_json_path(out)
+    if path.is_dir():
+        raise DynbertError(f"--out {out} is a folder named like a JSON file: pass another path")
+    check_writable_folder(path.parent, "--out")
     preset = QUICK if quick else FULL
     batch_sizes = _positive_ints(batch_sizes or preset["batch_sizes"], "batch size")
     if not seq_lens and model is not None:  # a trained model's gates cover its own max length only
@@ -188,7 +192,6 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     finally:
         torch.set_num_threads(previous_threads)
 
-    path = bench_json_path(out)
     atomic_write_json(path, result)
     _print_table(console, result)
     return result

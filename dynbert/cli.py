@@ -14,7 +14,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .errors import DynbertError, first_line
+from rich.markup import escape
+
+from .errors import MESSAGE_LIMIT, DynbertError, first_line, shorten
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Learn which tokens BERT can drop: gated fine-tuning, λ sweeps, reports, benchmarks.")
@@ -43,7 +45,9 @@ def user_errors(command):
         except DynbertError as error:
             if _debug():
                 raise
-            stderr.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+            # A message quotes paths and file contents: capped, and never read as rich markup.
+            stderr.print(f"[red]error:[/] {escape(shorten(str(error), 4 * MESSAGE_LIMIT))}", highlight=False,
+                         soft_wrap=True)
             raise typer.Exit(getattr(error, "exit_code", 2))
         except KeyboardInterrupt as interrupt:  # before any work worth saving began
             if _debug():
@@ -55,7 +59,7 @@ def user_errors(command):
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
             if _debug():
                 raise
-            stderr.print(f"[red]error:[/] {error.__class__.__name__}: {first_line(error)}"
+            stderr.print(f"[red]error:[/] {error.__class__.__name__}: {escape(first_line(error))}"
                          " (run with --debug for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
 

@@ -40,8 +40,24 @@ def conf_dir() -> Path:
     return Path(str(files("dynbert.conf")))
 
 
+def expand_home(overrides) -> list[str]:
+    """``key=~/x`` as a shell would have written it: ``key=/home/me/x``.
+
+    Hydra's override grammar rejects an unquoted ``~`` in a value (and a quoted one stays ``~``);
+    the shell only expands ``~`` after ``=`` in variable assignments, which ``task.data_dir=`` is not.
+    """
+    expanded = []
+    for line in overrides:
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("~") and value.startswith("~"):
+            line = f"{key}={os.path.expanduser(value)}"
+        expanded.append(line)
+    return expanded
+
+
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved config for ``overrides`` (``key=value``, ``group=option``), checked."""
+    overrides = expand_home(overrides)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
@@ -89,11 +105,12 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.train[key]
         if not _is_int(value) or value < 1:
             raise DynbertError(f"train.{key}={value} is not valid: pass an integer >= 1")
-    # A negative max_steps would train nothing and still write metrics; a string, fail mid-run.
-    for key in ("max_steps", "max_train_samples", "max_eval_samples"):
+    # A negative max_steps would train nothing and still write metrics; a string, fail mid-run. One
+    # evaluation example has no correlation (STS-B, CoLA) and would fail after the whole training.
+    for key, least in (("max_steps", 1), ("max_train_samples", 1), ("max_eval_samples", 2)):
         value = cfg.train[key]
-        if value is not None and (not _is_int(value) or value < 1):
-            raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= 1")
+        if value is not None and (not _is_int(value) or value < least):
+            raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= {least}")
     for key in ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm",
                 "gate.lr", "gate.start", "gate.bimodal_weight"):
         value = OmegaConf.select(cfg, key)
@@ -116,7 +133,7 @@ def validate(cfg: DictConfig) -> None:
 def _check_output_dir(value) -> None:
     """A run folder that can be created, or one sentence on why ``output_dir=value`` cannot be one."""
     if value is None or not str(value).strip():
-        raise DynbertError(f"output_dir={value!r} is empty: pass a folder for the run, e.g. "
+        raise DynbertError(f"output_dir is empty ({'null' if value is None else repr(value)}): pass a folder for the run, e.g. "
                            "output_dir=outputs/runs/my-run (an unset shell variable gives an empty value)")
     path = Path(str(value)).expanduser()
     if path.exists() and not path.is_dir():

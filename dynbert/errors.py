@@ -28,6 +28,18 @@ def first_line(error: BaseException) -> str:
     return shorten(lines[0], MESSAGE_LIMIT) if lines else type(error).__name__
 
 
+def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
+    """One sentence, before any work, when ``folder`` cannot hold the files a command will write."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DynbertError(f"{option} {folder} is a file: pass a folder to write into")
+    for parent in folder.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DynbertError(f"{option} {folder} cannot be created: {parent} is a file")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text
+from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text, check_writable_folder
 from dynbert.rundir import METRICS_FILE, read_metrics
 
 FORMATS = ("md", "csv", "png", "svg")
@@ -450,6 +450,7 @@ def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...]
     console = console or Console()
     folder = Path(folder)
     out = Path(out) if out is not None else folder
+    check_writable_folder(out, "--out")
     runs, bad = load_runs(folder)
     for path, why in bad:
         console.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(why)}", highlight=False, soft_wrap=True)

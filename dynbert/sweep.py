@@ -47,8 +47,10 @@ def _split_overrides(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from .config import expand_home
+
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(expand_home(overrides))
     except HydraException as error:
         raise DynbertError(f"bad override: {first_line(error)}") from error
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynbert.errors import DynbertError
+from dynbert.errors import DynbertError, shorten
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -160,8 +160,8 @@ def _column_indices(path: Path, spec: TaskSpec, header: tuple[str, ...]) -> tupl
     needed = [key_a] + ([key_b] if key_b else []) + [spec.tsv_label_column]
     missing = [name for name in needed if name not in header]
     if missing:
-        raise DynbertError(f"{path} has columns {list(header)} but GLUE's {spec.name} needs a tab-separated "
-                           f"header with {needed} (missing {missing}); pass GLUE's original TSV files")
+        raise DynbertError(f"{path} has columns {shorten(list(header), 120)} but GLUE's {spec.name} needs a "
+                           f"tab-separated header with {needed} (missing {missing}); pass GLUE's original TSV files")
     return (header.index(key_a), header.index(key_b) if key_b else None,
             header.index(spec.tsv_label_column))
 
@@ -170,7 +170,7 @@ def _parse_row(path: Path, spec: TaskSpec, line_number: int, fields: list[str],
                header: tuple[str, ...], columns: tuple[int, int | None, int]) -> Example:
     if len(fields) != len(header):
         raise DynbertError(f"{path} line {line_number} has {len(fields)} tab-separated columns, expected "
-                           f"{len(header)} ({', '.join(header)}); fix or remove that line")
+                           f"{len(header)} ({shorten(', '.join(header), 120)}); fix or remove that line")
     index_a, index_b, index_label = columns
     return Example(text_a=fields[index_a], text_b=None if index_b is None else fields[index_b],
                    label=_parse_label(path, spec, line_number, fields[index_label].strip()))
@@ -183,11 +183,11 @@ def _parse_label(path: Path, spec: TaskSpec, line_number: int, value: str) -> in
         except ValueError:
             score = None
         if score is None or not 0.0 <= score <= 5.0:
-            raise DynbertError(f"{path} line {line_number} has score {value!r}; "
+            raise DynbertError(f"{path} line {line_number} has score {shorten(repr(value))}; "
                                f"{spec.name} scores are numbers from 0 to 5")
         return score
     if value not in spec.tsv_labels:
-        raise DynbertError(f"{path} line {line_number} has label {value!r}; "
+        raise DynbertError(f"{path} line {line_number} has label {shorten(repr(value))}; "
                            f"{spec.name} labels are {', '.join(spec.tsv_labels)}")
     return spec.tsv_labels.index(value)
 
@@ -195,6 +195,9 @@ def _parse_label(path: Path, spec: TaskSpec, line_number: int, value: str) -> in
 def _load_hub(spec: TaskSpec) -> dict[str, list[Example]]:
     import datasets
 
+    from dynbert.hub import go_offline_if_unreachable
+
+    go_offline_if_unreachable()  # else datasets retries an unreachable hub for half a minute
     try:
         with _offline_from_env():
             raw = datasets.load_dataset(HUB_DATASET, spec.name)

@@ -37,6 +37,29 @@ def run_dynbert(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
     return subprocess.run(dynbert_command(*args), capture_output=True, text=True, timeout=timeout)
 
 
+def train_stopping_at(step: int, action: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`dynbert train ARGS` in a child process that stops itself right after saving the checkpoint of
+    ``step``: ``action`` "SIGINT" or "SIGTERM" sends that signal to itself (the real handlers run),
+    "KILL" ends it with os._exit (no cleanup at all, as SIGKILL). Deterministic: the stop lands at
+    that step whatever the machine's load, which a signal from outside cannot promise.
+    """
+    stop = "os._exit(137)" if action == "KILL" else f"os.kill(os.getpid(), signal.{action})"
+    code = (
+        "import os, signal, sys\n"
+        "import dynbert.train as train\n"
+        "save, stopped = train.save_checkpoint, []\n"
+        "def save_then_stop(path, state):\n"
+        "    save(path, state)\n"
+        f"    if state['step'] == {step} and not stopped:\n"
+        "        stopped.append(True)\n"
+        f"        {stop}\n"
+        "train.save_checkpoint = save_then_stop\n"
+        "from dynbert.cli import app\n"
+        f"app(['train', *{[str(arg) for arg in args]!r}], prog_name='dynbert')\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
 def read_json(path: Path):
     """Strict JSON: NaN or Infinity in a metrics file is an error, as it is for other readers."""
     def refuse(constant):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -111,3 +112,10 @@ def test_choices_checked_in_the_config_are_the_ones_core_accepts():
 def test_values_that_would_fail_mid_run_or_train_nothing_fail_at_once(override):
     with pytest.raises(DynbertError, match=f"{re.escape(override)} is not valid"):
         compose_config([override])
+
+
+def test_a_home_folder_in_a_value_is_expanded_as_a_shell_would():
+    """`task.data_dir=~/glue/SST-2`, as the README writes it: Hydra alone rejects the `~`."""
+    cfg = compose_config(["task=sst2", "task.data_dir=~/glue/SST-2", "output_dir=~/runs/x"])
+    assert cfg.task.data_dir == str(Path.home() / "glue" / "SST-2")
+    assert cfg.output_dir == str(Path.home() / "runs" / "x")

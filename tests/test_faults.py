@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 
@@ -10,13 +14,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model, RobertaConfig,
+                          RobertaModel)
 
 from dynbert.config import compose_config
 from dynbert.modeling import train_wordpiece
 
 from glue_data import HEADERS, write_glue_run_folder, write_glue_tsv
-from helpers import FAST, SYNTHETIC, comparable, dynbert_command, invoke, read_json, run_dynbert, snapshot
+from helpers import (FAST, SYNTHETIC, comparable, dynbert_command, invoke, read_json, run_dynbert, snapshot,
+                     train_stopping_at)
 
 TRAIN = ["train", *FAST, *SYNTHETIC]
 RTE = ["train", *FAST, "task=rte", "model=tiny"]
@@ -42,6 +48,31 @@ def make_inputs(root):
     tokenizer.save_pretrained(root / "bert64")
     (root / "corrupt_run").mkdir()
     (root / "corrupt_run" / "metrics.json").write_text('{"task": "sst2", "score": 0.9')
+    (root / "a_file").write_text("a user's file\n")
+    # A user's own folder that looks like a run folder, and one locked by a live process.
+    user = root / "user_folder"
+    for name in ("model", "tokenizer"):
+        (user / name).mkdir(parents=True)
+        (user / name / "weights.bin").write_bytes(b"precious")
+    (user / "config.yaml").write_text("mine: true\n")
+    (user / "notes.txt").write_text("keep me\n")
+    (root / "locked").mkdir()
+    (root / "locked" / ".dynbert-lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                               "since": time.time()}))
+    # Checkpoints dynbert must refuse: no tokenizer, other families, truncated weights.
+    no_tokenizer = root / "no_tokenizer"
+    BertForSequenceClassification.from_pretrained(root / "bert64").save_pretrained(no_tokenizer)
+    GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(root / "gpt2")
+    RobertaModel(RobertaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(root / "roberta")
+    shutil.copytree(root / "bert64", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    # A 1 MB one-line train.tsv and a file of NUL bytes: messages quote a capped excerpt.
+    write_glue_run_folder(root / "wide", "rte")
+    (root / "wide" / "train.tsv").write_text("x" * 1_000_000)
+    write_glue_run_folder(root / "nul", "rte")
+    (root / "nul" / "train.tsv").write_bytes(b"\x00" * 20_000)
     # A run folder whose training never finished: its config, no weights.
     unfinished = root / "unfinished_run"
     unfinished.mkdir()
@@ -72,6 +103,32 @@ BAD_INPUTS = [
     ("report on corrupt metrics", ["report", "{root}/corrupt_run"], "corrupt_run/metrics.json"),
     ("bench a run without weights", ["bench", "--run", "{root}/unfinished_run", "--out", "{root}/bench"],
      "{root}/unfinished_run/model holds no trained model"),
+    # Where the run goes (an unset shell variable makes output_dir empty: not the current folder).
+    ("output_dir empty", [*TRAIN, "output_dir="], "output_dir is empty ('')"),
+    ("output_dir null", [*TRAIN, "output_dir=null"], "output_dir is empty (null)"),
+    ("output_dir is a file", [*TRAIN, "output_dir={root}/a_file"], "output_dir={root}/a_file is a file"),
+    ("output_dir under a file", [*TRAIN, "output_dir={root}/a_file/run"], "{root}/a_file is a file"),
+    ("output_dir holds a user's files", [*TRAIN, "output_dir={root}/user_folder"],
+     "did not write (config.yaml, model, notes.txt, tokenizer)"),
+    ("output_dir locked by a live process", [*TRAIN, "output_dir={root}/locked"], "is in use by process"),
+    # Models that would silently train on garbage.
+    ("model without tokenizer", [*TRAIN, "model.name_or_path={root}/no_tokenizer"], "has no tokenizer"),
+    ("roberta checkpoint", [*TRAIN, "model.name_or_path={root}/roberta"], "is a 'roberta' model"),
+    ("gpt2 checkpoint", [*TRAIN, "model.name_or_path={root}/gpt2"], "is a 'gpt2' model"),
+    ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load a BERT model from {root}/truncated"),
+    # Settings that would train nothing, or fail after the work.
+    ("empty gate layers", [*TRAIN, "gate.layers=[]"], "gate.layers=[] is not valid"),
+    ("gates that never start", [*TRAIN, "gate.start=1.5"], "gate.start=1.5 is not valid"),
+    ("negative threads", [*TRAIN, "train.num_threads=-1"], "train.num_threads=-1 is not valid"),
+    ("seed past 2^63", [*TRAIN, "seed=9223372036854775809"], "seed=9223372036854775809 is not valid"),
+    ("one eval example", [*RTE, "task=stsb", "task.data_dir={root}/rte", "train.max_eval_samples=1"],
+     "train.max_eval_samples=1 is not valid"),
+    ("fp16 on a CPU", [*TRAIN, "train.precision=fp16"], "train.precision=fp16 needs a CUDA GPU"),
+    ("cuda without a GPU", [*TRAIN, "train.device=cuda"], "train.device=cuda but no CUDA GPU"),
+    ("report --out a file", ["report", "{root}/corrupt_run", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    ("bench --out a file", ["bench", "--quick", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
+    ("1 MB header line", [*RTE, "task.data_dir={root}/wide"], "wide/train.tsv has columns ['xxx"),
+    ("NUL bytes", [*RTE, "task.data_dir={root}/nul"], "nul/train.tsv has columns ['\\x00\\x00"),
 ]
 
 
@@ -80,7 +137,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(tmp_path, args, expect
     root = tmp_path / "inputs"
     make_inputs(root)
     args = [arg.format(root=root) for arg in args]
-    if args[0] == "train":
+    if args[0] == "train" and not any(arg.startswith("output_dir=") for arg in args):
         args.append(f"output_dir={tmp_path / 'run'}")
     before = snapshot(tmp_path)
 
@@ -91,6 +148,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(tmp_path, args, expect
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: ")
     assert expected.format(root=root) in message
+    assert len(message) < 1000 and "\x00" not in message  # quotes are capped and escaped
     after = snapshot(tmp_path)
     assert {path: after.get(path) for path in before} == before  # nothing there before was changed
     assert not any(path.endswith(("metrics.json", "bench.json")) for path in set(after) - set(before))
@@ -123,25 +181,18 @@ MOVING_GATES = ["lambda=1", "gate.start=0", "gate.bimodal_weight=0", "gate.lr=0.
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     args = ["train", *FAST, *SYNTHETIC, *MOVING_GATES, "train.checkpoint_every=2", "train.max_steps=8"]
-    # The uninterrupted run, alongside the one to kill.
-    whole = subprocess.Popen(dynbert_command(*args, f"output_dir={tmp_path / 'whole'}"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(dynbert_command(*args, f"output_dir={tmp_path / 'killed'}"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole = run_dynbert(*args, f"output_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    # Killed right after the checkpoint of step 4: no cleanup ran, so its lock is left behind too.
+    killed = train_stopping_at(4, "KILL", *args[1:], f"output_dir={tmp_path / 'killed'}")
+    assert killed.returncode == 137
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "metrics.json").exists(), "the run finished before it could be killed"
-    assert torch.load(checkpoint, weights_only=True)["step"] < 8
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    assert (tmp_path / "killed" / ".dynbert-lock").is_file() and not (tmp_path / "killed" / "metrics.json").exists()
 
-    resumed = run_dynbert(*args, f"output_dir={tmp_path / 'killed'}")
+    resumed = run_dynbert(*args, f"output_dir={tmp_path / 'killed'}")  # takes over the dead process's lock
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    _, whole_stderr = whole.communicate(timeout=120)
-    assert whole.returncode == 0, whole_stderr
 
     first, again = read_json(tmp_path / "whole" / "metrics.json"), read_json(tmp_path / "killed" / "metrics.json")
     assert comparable(first) == comparable(again)
@@ -149,7 +200,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     for name in ("model.safetensors", "gates.safetensors"):
         a, b = (load_file(tmp_path / run / "model" / name) for run in ("whole", "killed"))
         assert all(torch.equal(a[key], b[key]) for key in a), name
-    assert not checkpoint.exists()
+    assert not checkpoint.exists() and not (tmp_path / "killed" / ".dynbert-lock").exists()
 
 
 def test_finished_run_is_returned_without_training_again(tmp_path):
@@ -208,17 +259,17 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"half a checkpoint"
 
 
-def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
-    args = ["train", *FAST, *SYNTHETIC, "train.checkpoint_every=2", "train.max_steps=400",
-            f"output_dir={tmp_path}"]
-    process = subprocess.Popen(dynbert_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    checkpoint = tmp_path / "checkpoint.pt"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
-    assert 0 < torch.load(checkpoint, weights_only=True)["step"] < 400
-    assert not (tmp_path / "metrics.json").exists()
+@pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, signame, code, said):
+    args = [*FAST, *SYNTHETIC, "train.checkpoint_every=2", f"output_dir={tmp_path}"]
+    result = train_stopping_at(2, signame, *args)
+    assert result.returncode == code, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert f"{said} at step 2/4" in message and "run the same command again to resume" in message
+    assert "Traceback" not in result.stderr
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / ".dynbert-lock").exists()
+    # The same command resumes from there.
+    resumed = run_dynbert("train", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and (tmp_path / "metrics.json").is_file()

@@ -214,6 +214,26 @@ def test_wrong_types_are_bad(tmp_path):
     assert runs == [] and [p.parent.name for p, _ in bad] == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("fields, why", [
+    ({"score": math.nan}, "holds NaN"),
+    ({"flops_ratio": -0.5}, "'flops_ratio' is -0.5, expected a number > 0"),
+    ({"flops_ratio": math.inf}, "holds Infinity"),
+    ({"lambda": -1.0}, "'lambda' is -1.0, expected a number >= 0"),
+    ({"kept_per_layer": [1.0, 1.5]}, "fractions in [0, 1]"),
+])
+def test_values_no_healthy_run_writes_are_named_and_skipped(tmp_path, fields, why):
+    """Such a file would show as nan±nan or 0.00× in the table: it is corrupt, not a result."""
+    write_run(tmp_path, "sst2/good")
+    bad_file = write_run(tmp_path, "sst2/bad", **fields) / "metrics.json"
+    console = quiet()
+    write_report(tmp_path, out=tmp_path / "out", formats=("csv",), console=console)
+    runs, bad = load_runs(tmp_path)
+    assert [run["run_dir"].name for run in runs] == ["good"]
+    assert len(bad) == 1 and bad[0][0] == bad_file and why in bad[0][1]
+    assert str(bad_file) in console.file.getvalue()
+    assert "nan" not in (tmp_path / "out" / "results.csv").read_text().lower()
+
+
 def test_no_runs(tmp_path):
     with pytest.raises(DynbertError, match="No finished run") as err:
         write_report(tmp_path, console=quiet())

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
 
 import matplotlib.image
+import torch
 
-from helpers import FAST, SYNTHETIC, invoke, read_json, run_dynbert
+from helpers import FAST, SYNTHETIC, dynbert_command, invoke, read_json, run_dynbert
 
 SWEEP = ["sweep", *FAST, *SYNTHETIC]
 
@@ -85,3 +92,68 @@ def test_a_bad_value_anywhere_in_the_grid_fails_before_any_run(tmp_path):
     assert result.exit_code == 2
     assert "lambda=-1" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "sweep").exists()
+
+
+def test_every_swept_key_gets_its_own_run_folder(tmp_path):
+    """A key the run name does not hold (gate.score) is appended; values that are paths are
+    made folder-safe. Before, both jobs shared one folder and the second was 'already complete'."""
+    result = run_dynbert(*SWEEP, "lambda=0.1", "sweep.baseline=false", "gate.score=attention_received,cls_attention",
+                         f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert summary(result.stderr) == "done 2, skipped (already complete) 0, failed 0"
+    folders = sorted(path.parent.name for path in tmp_path.glob("synthetic/*/metrics.json"))
+    assert folders == ["gated-lambda0.1-seed0-gate.score=attention_received",
+                       "gated-lambda0.1-seed0-gate.score=cls_attention"]
+    assert {read_json(tmp_path / "synthetic" / name / "metrics.json")["gate_score"] for name in folders} == {
+        "attention_received", "cls_attention"}
+
+
+def test_run_folder_names_stay_folder_safe_and_distinct():
+    from omegaconf import OmegaConf
+
+    from dynbert.sweep import run_folder
+
+    cfg = OmegaConf.create({"task": {"name": "rte"}, "run_name": "gated-lambda0.1-seed0",
+                            "sweep": {"swept_keys": ["lambda", "model.name_or_path", "train.lr"]}})
+    names = {run_folder(Path("/s"), cfg, [f"model.name_or_path={path}", "train.lr=1e-4", "lambda=0.1"]).name
+             for path in ("/models/a/bert", "/models/b/bert", "models_a_bert")}
+    assert len(names) == 3
+    assert all("/" not in name and name.startswith("gated-lambda0.1-seed0-model.name_or_path=") for name in names)
+    assert all(name.endswith("-train.lr=1e-4") for name in names)
+
+
+def test_sigterm_stops_every_job_of_the_sweep_each_checkpointed(tmp_path):
+    """SLURM, `timeout` and `docker stop` send SIGTERM: no job may go on training in the background."""
+    mark = f"dynbert-test-{uuid.uuid4().hex}"  # every process of this sweep inherits it
+    # Runs that cannot finish on their own: the stop must come from the signal.
+    args = [*SWEEP, "lambda=0.1,0.3", "sweep.baseline=false", "train.max_steps=1000000", "train.epochs=100000",
+            "train.checkpoint_every=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"output_dir={tmp_path}"]
+    sweep = subprocess.Popen(dynbert_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "DYNBERT_TEST_MARK": mark})
+    checkpoints = [tmp_path / "synthetic" / f"gated-lambda{lam}-seed0" / "checkpoint.pt" for lam in ("0.1", "0.3")]
+    deadline = time.monotonic() + 120
+    while not all(path.exists() for path in checkpoints) and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sweep.poll() is None, sweep.communicate()[1]
+    sweep.send_signal(signal.SIGTERM)
+    _, stderr = sweep.communicate(timeout=120)
+
+    assert sweep.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "run the same command again" in stderr and "Traceback" not in stderr
+    assert summary(stderr) == "done 0, skipped (already complete) 0, failed 0, interrupted 2"
+    for path in checkpoints:
+        assert torch.load(path, weights_only=True)["step"] >= 1
+        assert not (path.parent / ".dynbert-lock").exists()
+    assert _processes_marked(mark) == []
+
+
+def _processes_marked(mark: str) -> list[int]:
+    """Live processes whose environment holds ``DYNBERT_TEST_MARK=mark``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"DYNBERT_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
