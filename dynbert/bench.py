@@ -56,15 +56,8 @@ import torch
 from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from dynbert.core import (
-    SCORES,
-    GatedBert,
-    baseline_kept,
-    count_matmul_flops,
-    flops_per_example,
-    gate_regularizer,
-    layer_weights,
-)
+from dynbert.core import SCORES, GatedModel, baseline_kept, count_matmul_flops, flops_per_example
+from dynbert.methods.gates import Gates, gate_regularizer, layer_weights
 from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
 
 SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power", "learned")
@@ -113,7 +106,7 @@ class _Config:
 
 def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
               seq_lens: Sequence[int] | None = None, schedules: Sequence[str] | None = None,
-              dtype: str = "fp32", model: GatedBert | None = None,
+              dtype: str = "fp32", model: GatedModel | None = None,
               model_config: BertConfig | dict | None = None, threads: int | None = None,
               repeats: int | None = None, warmup: int = 1, out: str | os.PathLike,
               console=None) -> dict:
@@ -123,7 +116,7 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     ``batch_sizes``/``seq_lens``: default (1, 32) and (128, 64); quick (1, 8) and (64,). With a
     ``model``, the default lengths are those within its gates' ``max_length`` (else that length).
     ``schedules``: names from ``SCHEDULES``; default all but ``learned``, plus ``learned`` when a
-    ``model`` is given. ``model``: a GatedBert to bench (its weights, gates, gated layers and score);
+    ``model`` is given. ``model``: a GatedModel to bench (its weights, gates, gated layers and score);
     it is left as it was found. Without it, random weights of ``model_config`` (default: BERT-base
     sizes; quick: ``QUICK_MODEL``), gated at every layer, score ``attention_received``.
     ``dtype``: ``fp32`` or ``bf16`` (``torch.autocast`` on CPU). ``threads``: torch threads for
@@ -161,9 +154,11 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
         raise DynbertError("schedule 'learned' needs a trained model: it benches the model's own gates")
     if model is not None and model_config is not None:
         raise DynbertError("give either a model or a model_config, not both")
-    if model is not None and not model.gate_layers:
-        raise DynbertError("the model has no gated layer (a gate=none run): there is nothing to prune; "
-                           "bench a gated run, or no run for random BERT-base weights")
+    if model is not None and not model.pruned_layers:
+        raise DynbertError("the model prunes no layer (a method=none run): there is nothing to prune; "
+                           "bench a pruned run, or no run for random BERT-base weights")
+    if model is not None and not isinstance(model.method, Gates):
+        raise DynbertError(f"bench --run times runs of method=gates; this run used {model.method.name}")
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
@@ -179,15 +174,15 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
             raise DynbertError(f"sequence length(s) {too_long} exceed the model's gate length "
                                f"{gated.max_length}")
         # The schedules overwrite the gates and the score: leave a given model as it was found.
-        found = (gated.training, gated.score, gated.gates.raw.detach().clone())
+        found = (gated.training, gated.method.score, gated.method.gates.raw.detach().clone())
         try:
             result = _bench(gated, plain, quick=quick, preset=preset, batch_sizes=batch_sizes,
                             seq_lens=seq_lens, schedules=schedules, dtype=dtype, repeats=repeats,
                             warmup=warmup, console=console)
         finally:
-            training, gated.score, raw = found
+            training, gated.method.score, raw = found
             with torch.no_grad():
-                gated.gates.raw.copy_(raw)
+                gated.method.gates.raw.copy_(raw)
             gated.train(training)
     finally:
         torch.set_num_threads(previous_threads)
@@ -202,7 +197,7 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
 
 
 def _random_models(config: BertConfig | dict, max_length: int,
-                   train_len: int) -> tuple[GatedBert, BertForSequenceClassification]:
+                   train_len: int) -> tuple[GatedModel, BertForSequenceClassification]:
     """Random weights (timing needs no training), fixed seed; plain BERT is a copy made before wrapping.
 
     The gates cover the longest benched length and the overhead measurements' length (within the
@@ -221,17 +216,18 @@ def _random_models(config: BertConfig | dict, max_length: int,
         bert = BertForSequenceClassification(config)
     plain = copy.deepcopy(bert)
     plain.config._attn_implementation = "sdpa"
-    return GatedBert(bert, max_length=max_length), plain.eval()
+    layers = config.num_hidden_layers
+    return GatedModel(bert, Gates(list(range(layers)), max_length, layers)), plain.eval()
 
 
-def _plain_copy(model: GatedBert) -> BertForSequenceClassification:
+def _plain_copy(model: GatedModel) -> BertForSequenceClassification:
     """The given model's BERT without its gates, on transformers' own sdpa attention."""
     plain = copy.deepcopy(model.model)
     plain.config._attn_implementation = "sdpa"
     return plain.eval()
 
 
-def schedule_gates(model: GatedBert, schedule: str, seq_len: int) -> torch.Tensor:
+def schedule_gates(model: GatedModel, schedule: str, seq_len: int) -> torch.Tensor:
     """Raw gate values that make ``model`` follow ``schedule`` on inputs of ``seq_len`` tokens.
 
     Fixed schedules open the first k ranks of a gated layer (0/1 gates; ±inf for sigmoid gates).
@@ -239,42 +235,42 @@ def schedule_gates(model: GatedBert, schedule: str, seq_len: int) -> torch.Tenso
     later gate; ``power`` opens ceil(L · 0.15^((l+1)/n)) ranks at gated layer l of n layers.
     ``learned`` returns the model's gates unchanged.
     """
-    raw = model.gates.raw.detach()
+    raw = model.method.gates.raw.detach()
     if schedule == "learned":
         return raw.clone()
-    keep = torch.full((len(model.gate_layers),), seq_len)
+    keep = torch.full((len(model.pruned_layers),), seq_len)
     if schedule.startswith("keep"):
         keep[0] = math.ceil(int(schedule[4:]) / 100 * seq_len)
     elif schedule == "power":
-        for row, layer in enumerate(model.gate_layers):
+        for row, layer in enumerate(model.pruned_layers):
             fraction = POWER_LAST_FRACTION ** ((layer + 1) / model.num_layers)
             keep[row] = math.ceil(fraction * seq_len)
     elif schedule != "full":
         raise DynbertError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     is_open = torch.arange(raw.size(1))[None, :] < keep[:, None]
-    if model.gates.parametrization == "clip":
+    if model.method.gates.parametrization == "clip":
         return is_open.to(raw.dtype)
     return torch.where(is_open, math.inf, -math.inf).to(raw.dtype)
 
 
-def _set(model: GatedBert, config: _Config) -> None:
+def _set(model: GatedModel, config: _Config) -> None:
     with torch.no_grad():
-        model.gates.raw.copy_(config.raw)
-    model.score = config.score
+        model.method.gates.raw.copy_(config.raw)
+    model.method.score = config.score
 
 
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def _bench(gated: GatedBert, plain: BertForSequenceClassification, *, quick, preset, batch_sizes,
+def _bench(gated: GatedModel, plain: BertForSequenceClassification, *, quick, preset, batch_sizes,
            seq_lens, schedules, dtype, repeats, warmup, console) -> dict:
     gated.eval()
     plain.eval()
     config = gated.model.config
     load_start, started = os.getloadavg()[0], time.perf_counter()
     _progress(console, started, "counting FLOPs (batch of one, every configuration)")
-    model_score = gated.score
+    model_score = gated.method.score
     pairs = [(schedule, model_score) for schedule in schedules]
     pairs += [(schedule, other) for schedule in schedules if schedule in COMPARE_SCORE_ON
               for other in SCORES if other != model_score]
@@ -298,10 +294,9 @@ def _bench(gated: GatedBert, plain: BertForSequenceClassification, *, quick, pre
                 measured = count_matmul_flops(lambda: outputs.append(gated(ids, mask, hard=mode == "gather")))
                 output = outputs[0]
                 kept = output.kept
-                analytic = (flops_per_example(output.num_tokens, kept, config.hidden_size, config.intermediate_size,
-                                              config.num_labels)
-                            / flops_per_example(output.num_tokens, baseline_kept(output.num_tokens, gated.num_layers),
-                                                config.hidden_size, config.intermediate_size, config.num_labels))
+                dims = gated.encoder.dims
+                analytic = (flops_per_example(output.num_tokens, kept, dims)
+                            / flops_per_example(output.num_tokens, baseline_kept(output.num_tokens, gated.num_layers), dims))
                 counted[schedule, mode, score, length] = dict(
                     kept_fraction=kept.double().mean().item() / length, kept_per_layer=kept[0].tolist(),
                     flops_ratio_analytic=analytic.item(), flops_ratio_measured=measured / plain_flops)
@@ -341,8 +336,8 @@ def _bench(gated: GatedBert, plain: BertForSequenceClassification, *, quick, pre
         machine=_machine(), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, quick=quick,
         model=dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
                    num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                   gate_layers=list(gated.gate_layers), score=model_score,
-                   parametrization=gated.gates.parametrization),
+                   gate_layers=list(gated.pruned_layers), score=model_score,
+                   parametrization=gated.method.gates.parametrization),
         rounds=rounds_used, warmup=warmup, load_average=dict(start=load_start, end=os.getloadavg()[0]),
         rows=rows, train_step_overhead=train, hard_full_overhead=hard_full,
         wall_seconds=time.perf_counter() - started,
@@ -434,11 +429,11 @@ def _train_step_overhead(gated, plain, batch, length, dtype, score) -> dict:
     ids, mask = _inputs(batch, length, config.vocab_size)
     labels = torch.arange(batch) % config.num_labels
     gated_copy, plain_copy = copy.deepcopy(gated).train(), copy.deepcopy(plain).train()
-    gated_copy.score = score
+    gated_copy.method.score = score
     with torch.no_grad():
-        gated_copy.gates.raw.fill_(1.0 if gated_copy.gates.parametrization == "clip" else 3.0)
-    weights = layer_weights(gated_copy.gate_layers, gated_copy.num_layers)
-    gate_params = [gated_copy.gates.raw]
+        gated_copy.method.gates.raw.fill_(1.0 if gated_copy.method.gates.parametrization == "clip" else 3.0)
+    weights = layer_weights(gated_copy.pruned_layers, gated_copy.num_layers)
+    gate_params = [gated_copy.method.gates.raw]
     gated_optimizer = torch.optim.AdamW([
         dict(params=list(gated_copy.model.parameters()), lr=2e-5, weight_decay=0.01),
         dict(params=gate_params, lr=1e-2, weight_decay=0.0)])
@@ -449,10 +444,10 @@ def _train_step_overhead(gated, plain, batch, length, dtype, score) -> dict:
         with _autocast(dtype):
             output = gated_copy(ids, mask)
             loss = F.cross_entropy(output.logits.float(), labels)
-            loss = loss + gate_regularizer(gated_copy.gates(), weights, lam=0.1, mu=0.5).total
+            loss = loss + gate_regularizer(gated_copy.method.gates(), weights, lam=0.1, mu=0.5).total
         loss.backward()
         gated_optimizer.step()
-        gated_copy.gates.project_()
+        gated_copy.method.gates.project_()
 
     def plain_step():
         plain_optimizer.zero_grad(set_to_none=True)

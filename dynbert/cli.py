@@ -75,9 +75,9 @@ def _config_epilog() -> str:
     for group in groups:
         options = sorted(p.stem for p in (root / group).glob("*.yaml"))
         lines.append(f"  {group}: {', '.join(options)}")
-    lines.append("Main keys: lambda, seed, output_dir, task.data_dir, task.max_length, "
-                 "model.name_or_path, gate.layers, gate.score, gate.lr, train.epochs, train.lr, "
-                 "train.batch_size, train.max_steps. See them all with --cfg.")
+    lines.append("Main keys: lambda, seed, output_dir, glue_dir, task.data_dir, task.max_length, "
+                 "model.name_or_path, method.layers, method.score, method.lr, train.epochs, train.lr, "
+                 "train.batch_size, train.max_steps, train.precision, train.device. See them all with --cfg.")
     return "\n\n".join(lines)
 
 
@@ -86,7 +86,7 @@ def _config_epilog() -> str:
 def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
           cfg: bool = typer.Option(False, "--cfg", help="Print the resolved config and exit."),
           force: bool = typer.Option(False, "--force", help="Start over in a run folder that holds another run.")):
-    """Fine-tune with token gates on one task, evaluate (soft and hard mode), write a run folder.
+    """Fine-tune with token pruning on one task, evaluate (soft and hard mode), write a run folder.
 
     The last line printed is the run folder.
     """

@@ -18,14 +18,23 @@ from .errors import DynbertError, first_line
 # The values dynbert.core accepts (a test checks they match). Not imported from there: that would
 # load torch into every `dynbert sweep` and `dynbert train --cfg`, seconds before anything runs.
 CHOICES = {
-    "gate.score": ("attention_received", "cls_attention"),
-    "gate.parametrization": ("clip", "sigmoid"),
-    "gate.layer_weighting": ("linear", "none"),
-    "gate.sparsity": ("ranks", "tokens"),
-    "gate.bimodal_schedule": ("hold", "constant"),
+    "method.score": ("attention_received", "cls_attention"),
+    "method.parametrization": ("clip", "sigmoid"),
+    "method.layer_weighting": ("linear", "none"),
+    "method.sparsity": ("ranks", "tokens"),
+    "method.bimodal_schedule": ("hold", "constant"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("fp32", "bf16", "fp16"),
 }
+"""Keys with a fixed set of values; a method key is checked where the method's config has it."""
+NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm",
+                "method.lr", "method.bimodal_weight", "method.temperature", "method.threshold")
+FRACTIONS = {
+    "method.start": "the fraction of training before the method's parameters move, e.g. method.start=0.5",
+    "method.retrain_at": "the fraction of training where PoWER-BERT's retraining begins, e.g. 0.65",
+    "method.freeze_at": "the fraction of training where LTP freezes its thresholds, e.g. 0.5",
+}
+"""Keys that are a point in training: a number in [0, 1)."""
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds numpy and torch both accept."""
 
@@ -96,11 +105,15 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(max_length, int) or max_length < 8:
         raise DynbertError(f"task.max_length={max_length} is not valid: pass an integer >= 8 "
                            "(room for CLS, SEP and text)")
-    layers = cfg.gate.layers
+    layers = cfg.method.get("layers")
     if layers is not None and (not OmegaConf.is_list(layers) or not layers
                                or not all(_is_int(i) for i in layers)):
-        raise DynbertError(f"gate.layers={layers} is not valid: pass null (every layer) or a non-empty list "
-                           "of layer indices, e.g. gate.layers=[0,1,2] (gate=none trains without gates)")
+        raise DynbertError(f"method.layers={layers} is not valid: pass null (every layer) or a non-empty list "
+                           "of layer indices, e.g. method.layers=[0,1,2] (method=none prunes nothing)")
+    keep = cfg.method.get("keep")
+    if keep is not None and (not _is_number(keep) or not 0 < keep <= 1):
+        raise DynbertError(f"method.keep={keep} is not valid: pass the fraction of tokens the last layer "
+                           "keeps, a number in (0, 1], e.g. method.keep=0.5")
     for key in ("epochs", "batch_size", "eval_batch_size", "checkpoint_every", "gradient_accumulation_steps"):
         value = cfg.train[key]
         if not _is_int(value) or value < 1:
@@ -111,21 +124,21 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.train[key]
         if value is not None and (not _is_int(value) or value < least):
             raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= {least}")
-    for key in ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm",
-                "gate.lr", "gate.start", "gate.bimodal_weight"):
-        value = OmegaConf.select(cfg, key)
+    for key in NON_NEGATIVE:
+        value = OmegaConf.select(cfg, key, default=0.0)
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise DynbertError(f"{key}={value} is not valid: pass a finite number >= 0")
-    if cfg.gate.start >= 1:
-        raise DynbertError(f"gate.start={cfg.gate.start} is not valid: it is the fraction of training before "
-                           "the gates move, so pass a number in [0, 1), e.g. gate.start=0.5")
+    for key, meaning in FRACTIONS.items():
+        value = OmegaConf.select(cfg, key, default=0.0)
+        if not _is_number(value) or not 0 <= value < 1:
+            raise DynbertError(f"{key}={value} is not valid: pass a number in [0, 1): it is {meaning}")
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
     if not isinstance(cfg.train.group_by_length, bool):
         raise DynbertError(f"train.group_by_length={cfg.train.group_by_length} is not valid: pass true or false")
     for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.select(cfg, key, default=choices[0])
         if value not in choices:
             raise DynbertError(f"{key}={value} is not valid: pass one of {', '.join(choices)}")
 

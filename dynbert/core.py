@@ -1,14 +1,15 @@
-"""Token gates, the bi-modal regularizer and physical token pruning for BERT.
+"""The pruning engine: score tokens, let a method decide which to keep, physically remove the rest.
 
-The one shared core of dynbert (METHOD.md §1-4). Tensors in, tensors out: no files, no config,
-no printing. It wraps a Hugging Face ``BertForSequenceClassification`` and reuses its embeddings,
-attention projections, feed-forward blocks, pooler and classifier; only the order of calls and
-the attention kernel (registered through transformers' ``AttentionInterface``) are ours.
+The one shared core of dynbert (METHOD.md §1-4). Tensors in, tensors out: no files, no config, no
+printing. ``GatedModel`` runs any encoder family through its adapter (``encoders/``) and any
+token-pruning method through ``TokenPruner`` (``methods/``); neither knows about the other.
 
-Soft mode (training): the token at rank j of gated layer l is scaled by g[l, j] after attention,
-and, with ``mask_attention``, later layers add log(prod of its gates) to its attention logits, so
-a gate of 0 removes the token as a key exactly as gathering does. Hard mode (inference): tokens
-whose rank has g >= 0.5 are kept and physically gathered; the sequence gets shorter.
+In each pruned layer, after self-attention, the kernel scores every token (the attention it
+receives, or the CLS query's), and the method turns scores into keep weights in [0, 1]. Soft mode
+(training): the token's attention output is scaled by its weight and, with ``mask_attention``,
+later layers add log(product of its weights) to its attention logits, so a weight of 0 removes
+the token as a key exactly as gathering does. Hard mode (inference): tokens with weight >= 0.5
+are kept and physically gathered; the sequence gets shorter, so later layers cost less.
 """
 
 from __future__ import annotations
@@ -19,21 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AttentionInterface, BertForSequenceClassification
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .encoders import EncoderAdapter, EncoderDims, adapter_for
+
 SCORES = ("attention_received", "cls_attention")
-PARAMETRIZATIONS = ("clip", "sigmoid")
-LAYER_WEIGHTINGS = ("linear", "none")
-SPARSITY_TARGETS = ("ranks", "tokens")
-BIMODAL_SCHEDULES = ("hold", "constant")
+DECIDED_MARGIN = 0.05
+"""A keep weight within this distance of 0 or 1 counts as decided (``GatedOutput.decided``)."""
 
 # A nearly closed token's key gets at least log(1e-6) added to its logits; log(clamp) has no
-# gradient once clamped, so a closed token stays closed. A gate of exactly 0 blocks the key
+# gradient once clamped, so a closed token stays closed. A weight of exactly 0 blocks the key
 # outright, as gathering does: with peaked attention even a 1e-6 weight can leak.
 _LOG_FLOOR = 1e-6
-_SIGMOID_INIT = 3.0
 
 
 def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -61,7 +61,7 @@ def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, 
             cls_logits = torch.matmul(query[:, :, :1], key.transpose(2, 3)) * scaling + attention_mask
             score = torch.softmax(cls_logits, dim=-1).sum(dim=(1, 2))
         return output, score
-    raise ValueError(f"unknown gate score {token_score!r}; expected one of {SCORES}")
+    raise ValueError(f"unknown token score {token_score!r}; expected one of {SCORES}")
 
 
 AttentionInterface.register("dynbert", _dynbert_attention)
@@ -69,44 +69,105 @@ AttentionInterface.register("dynbert", _dynbert_attention)
 AttentionMaskInterface.register("dynbert", sdpa_mask)
 
 
-class TokenGates(nn.Module):
-    """One trainable gate per (gated layer, rank); rank 0 is CLS, whose gate is fixed at 1."""
+# ---------------------------------------------------------------------------------------------
+# The method interface
 
-    def __init__(self, num_gated_layers: int, max_length: int, parametrization: str = "clip",
-                 monotone: bool = False):
+
+@dataclass
+class LayerTokens:
+    """What a method sees of the tokens entering one pruned layer (current, possibly gathered)."""
+
+    score: torch.Tensor
+    """(batch, length) the kernel's score; 0 for padding."""
+    alive: torch.Tensor
+    """(batch, length) bool: tokens still present (hard mode would still hold them)."""
+    positions: torch.Tensor
+    """(batch, length) each token's position in the original input."""
+    input_ids: torch.Tensor
+    """(batch, input length) the original token ids."""
+    num_tokens: torch.Tensor
+    """(batch,) real tokens of each original input."""
+
+
+@dataclass
+class RegularizerParts:
+    sparsity: torch.Tensor
+    """The pull towards fewer kept tokens (λ times the method's measure of what is kept)."""
+    bimodal: torch.Tensor
+    """The push of soft decisions towards 0 or 1 (zero for methods without one)."""
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.sparsity + self.bimodal
+
+
+class TokenPruner(nn.Module):
+    """A token-pruning method: which tokens each pruned layer keeps, and how that is learned.
+
+    Subclasses set ``name`` and implement ``token_weights``; the rest has working defaults. The
+    engine, the loop, evaluation, checkpoints, sweeps and reports only ever call these.
+    """
+
+    name = "none"
+    score = "attention_received"
+    """The token score the attention kernel computes for this method's layers."""
+    never_pruned_advice = "train longer (train.epochs), or turn the method's knob towards pruning more"
+    """What a run that pruned nothing should try (printed with its warning)."""
+    undecided_advice = "train longer (train.epochs)"
+    """What a run whose soft decisions did not end at 0 or 1 should try."""
+
+    def __init__(self, layers: list[int], max_length: int):
         super().__init__()
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"unknown gate parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}")
-        self.parametrization = parametrization
-        self.monotone = monotone
-        init = 1.0 if parametrization == "clip" else _SIGMOID_INIT
-        self.raw = nn.Parameter(torch.full((num_gated_layers, max_length), init))
+        self.layers = list(layers)
+        self.max_length = max_length
+        self.row = {layer: row for row, layer in enumerate(self.layers)}
 
-    def forward(self) -> torch.Tensor:
-        """Gate values in [0, 1], shape (gated layers, max_length)."""
-        gates = self.raw.clamp(0.0, 1.0) if self.parametrization == "clip" else torch.sigmoid(self.raw)
-        gates = torch.cat([torch.ones_like(gates[:, :1]), gates[:, 1:]], dim=1)
-        if self.monotone:
-            gates = torch.cummin(gates, dim=1).values
-        return gates
+    def knob_active(self, lam: float) -> bool:
+        """Whether this run asked for pruning at all (λ > 0 for a λ-driven method)."""
+        return lam > 0
 
-    @torch.no_grad()
-    def project_(self) -> None:
-        """Clamp clip gates back into [0, 1] after an optimizer step (projected gradient).
+    def prepare(self, hard: bool):
+        """Per-forward values (a gate table, thresholds), computed once before the layers run."""
+        return None
 
-        Clamping only in the forward pass would let raw values leave [0, 1] and lose their gradient.
+    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+        """(batch, length) keep weights in [0, 1] at pruned layer ``row`` (the engine keeps CLS).
+
+        Hard mode keeps weight >= 0.5. Soft mode scales tokens by it; weights already 0/1 make
+        soft mode compute what hard mode does.
         """
-        if self.parametrization == "clip":
-            self.raw.clamp_(0.0, 1.0)
+        raise NotImplementedError
 
-    @torch.no_grad()
+    def keeps_all(self, values, row: int, length: int) -> bool:
+        """Hard mode: True when layer ``row`` certainly keeps every token of a ``length``-long
+        (gathered) input, so it need not score, rank or gather (scoring forces eager attention)."""
+        return False
+
+    def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
+        return None
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups of the method's own parameters: params, lr, and ``schedule``, the
+        factor on lr at each step (``schedule(step, total_steps)``)."""
+        return []
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before every optimizer step (and once when resuming): stage changes go here."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (projections go here)."""
+
     def harden_(self) -> None:
-        """Make every gate exactly 0 or 1 (g >= 0.5 opens), so soft mode equals hard mode."""
-        is_open = self().ge(0.5)
-        if self.parametrization == "clip":
-            self.raw.copy_(is_open.float())
-        else:
-            self.raw.copy_(torch.where(is_open, math.inf, -math.inf))
+        """Make soft decisions exactly 0/1 (by the same rule hard mode uses), before evaluation."""
+
+
+def rank_tokens(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Rank of each token: CLS first, then present tokens by score, then dropped tokens and pads."""
+    with torch.no_grad():
+        order_key = torch.where(present, score, -1.0)
+        order_key[:, 0] = math.inf
+        order = torch.argsort(order_key, dim=1, descending=True, stable=True)
+        return torch.argsort(order, dim=1)
 
 
 @dataclass
@@ -116,105 +177,120 @@ class GatedOutput:
     num_tokens: torch.Tensor
     """(batch,) real tokens of each input, CLS and SEP included."""
     kept: torch.Tensor
-    """(batch, num_layers) tokens still present after each layer's gate (non-increasing)."""
+    """(batch, num_layers) tokens still present after each layer's decision (non-increasing)."""
     present: torch.Tensor
     """(batch, num_layers, input length) bool: which original positions survive each layer."""
     kept_soft: torch.Tensor | None = None
-    """Soft mode: (batch, gated layers) the expected fraction of each input's tokens kept after each
-    gated layer (the sum of the tokens' cumulative gates over their count); differentiable. The
+    """Soft mode: (batch, pruned layers) the expected fraction of each input's tokens kept after each
+    pruned layer (the sum of the tokens' cumulative weights over their count); differentiable. The
     FLOPs of the following layers scale with it."""
+    decided: torch.Tensor | None = None
+    """Soft mode: (batch,) how many of the input's token decisions (a present token, CLS aside, at a
+    pruned layer) had a weight within ``DECIDED_MARGIN`` of 0 or 1."""
+    decisions: torch.Tensor | None = None
+    """Soft mode: (batch,) how many token decisions there were."""
 
 
-class GatedBert(nn.Module):
-    """A BERT classifier with trainable token gates after the attention of chosen layers."""
+class GatedModel(nn.Module):
+    """A sequence classifier whose chosen layers drop tokens, as ``method`` decides."""
 
-    def __init__(self, model: BertForSequenceClassification, max_length: int,
-                 gate_layers: list[int] | None = None, score: str = "attention_received",
-                 parametrization: str = "clip", mask_attention: bool = True, monotone: bool = False):
+    def __init__(self, model: nn.Module, method: TokenPruner, mask_attention: bool = True,
+                 encoder: EncoderAdapter | None = None):
         super().__init__()
-        num_layers = model.config.num_hidden_layers
-        gate_layers = list(range(num_layers)) if gate_layers is None else sorted(set(gate_layers))
-        bad = [layer for layer in gate_layers if not 0 <= layer < num_layers]
+        self.encoder = encoder or adapter_for(model)
+        num_layers = self.encoder.dims.num_layers
+        bad = [layer for layer in method.layers if not 0 <= layer < num_layers]
         if bad:
-            raise ValueError(f"gate layer(s) {bad} out of range: the model has layers 0..{num_layers - 1}")
-        if score not in SCORES:
-            raise ValueError(f"unknown gate score {score!r}; expected one of {SCORES}")
-        if max_length > model.config.max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds the model's "
-                             f"{model.config.max_position_embeddings} positions")
+            raise ValueError(f"pruned layer(s) {bad} out of range: the model has layers 0..{num_layers - 1}")
+        if method.score not in SCORES:
+            raise ValueError(f"unknown token score {method.score!r}; expected one of {SCORES}")
+        if method.max_length > self.encoder.max_positions:
+            raise ValueError(f"max_length {method.max_length} exceeds the model's {self.encoder.max_positions} positions")
         model.config._attn_implementation = "dynbert"
         self.model = model
-        self.max_length = max_length
-        self.gate_layers = gate_layers
-        self.score = score
+        self.method = method
         self.mask_attention = mask_attention
-        self.gates = TokenGates(len(gate_layers), max_length, parametrization, monotone)
-        self._gate_row = {layer: row for row, layer in enumerate(gate_layers)}
 
     @property
     def num_layers(self) -> int:
-        return self.model.config.num_hidden_layers
+        return self.encoder.dims.num_layers
+
+    @property
+    def max_length(self) -> int:
+        return self.method.max_length
+
+    @property
+    def pruned_layers(self) -> list[int]:
+        return self.method.layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None, hard: bool = False) -> GatedOutput:
-        bert = self.model.bert
+        method = self.method
         batch, length = input_ids.shape
         if length > self.max_length:
-            raise ValueError(f"input length {length} exceeds the gates' max_length {self.max_length}")
-        hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            raise ValueError(f"input length {length} exceeds the method's max_length {self.max_length}")
+        hidden = self.encoder.embed(input_ids, token_type_ids if self.encoder.has_token_types else None)
         real = attention_mask.bool()
         num_tokens = real.sum(dim=1)
         # `alive`: the tokens hard mode would still hold. Soft mode carries it to rank tokens the
-        # way hard mode does, and the running product of each token's gates, whose log masks the
-        # token as a key, so gates below 0.5 still get gradient.
+        # way hard mode does, and the running product of each token's weights, whose log masks the
+        # token as a key, so weights below 0.5 still get gradient.
         alive = real
         kept_weight = real.to(hidden.dtype)
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
         if hard:  # columns that are padding in every example cost time, not FLOPs: drop them now
             hidden, real, positions = _gather_kept(hidden, real, positions)
             alive, kept_weight = real, real.to(hidden.dtype)
-        gates = self.gates() if self.gate_layers else None
-        # Hard mode: a gated layer whose leading open ranks cover every token still present keeps
-        # them all, so it need not score, rank or gather (scoring forces eager attention).
-        open_ranks = _leading_open(gates) if hard and gates is not None else None
+        values = method.prepare(hard) if method.layers else None
         kept_counts, present_per_layer, kept_soft = [], [], []
+        decided = decisions = None
+        if not hard and method.layers:
+            decided = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+            decisions = torch.zeros_like(decided)
 
-        for index, layer in enumerate(bert.encoder.layer):
-            row = self._gate_row.get(index)
-            if row is not None and open_ranks is not None and open_ranks[row] >= hidden.size(1):
+        for index, layer in enumerate(self.encoder.layers):
+            row = method.row.get(index)
+            if row is not None and hard and method.keeps_all(values, row, hidden.size(1)):
                 row = None
             bias = self._attention_bias(real, kept_weight, hidden.dtype)
             score_kwargs = {}
             if row is not None:
-                score_kwargs = dict(token_score=self.score, score_queries=alive.to(hidden.dtype))
-            attended, score = layer.attention(hidden, bias, **score_kwargs)
+                score_kwargs = dict(token_score=method.score, score_queries=alive.to(hidden.dtype))
+            attended, score = self.encoder.attention(layer, hidden, bias, **score_kwargs)
 
             if row is not None:
-                rank = _rank_tokens(score, alive)
-                token_gate = gates[row].gather(0, rank.flatten()).view_as(rank)
-                token_gate = torch.where(rank == 0, torch.ones_like(token_gate), token_gate)
-                keep = alive & (token_gate >= 0.5)
+                tokens = LayerTokens(score=score, alive=alive, positions=positions, input_ids=input_ids,
+                                     num_tokens=num_tokens)
+                weight = method.token_weights(values, row, tokens, hard)
+                weight = torch.cat([torch.ones_like(weight[:, :1]), weight[:, 1:]], dim=1)  # CLS stays
+                keep = alive & (weight >= 0.5)
                 if hard:
                     attended, alive, positions = _gather_kept(attended, keep, positions)
                     real = alive
                     kept_weight = alive.to(hidden.dtype)
                 else:
-                    attended = attended * token_gate.unsqueeze(-1)
-                    kept_weight = kept_weight * token_gate
+                    with torch.no_grad():
+                        counted = alive.clone()
+                        counted[:, 0] = False
+                        sure = (weight <= DECIDED_MARGIN) | (weight >= 1 - DECIDED_MARGIN)
+                        decided += (counted & sure).sum(dim=1)
+                        decisions += counted.sum(dim=1)
+                    attended = attended * weight.unsqueeze(-1)
+                    kept_weight = kept_weight * weight
                     alive = keep
                     kept_soft.append(kept_weight.sum(dim=1) / num_tokens)
-            hidden = layer.feed_forward_chunk(attended)
+            hidden = self.encoder.feed_forward(layer, attended)
             kept_counts.append(alive.sum(dim=1))
             present_per_layer.append(_scatter_present(alive, positions, length))
 
-        pooled = bert.pooler(hidden)
-        logits = self.model.classifier(self.model.dropout(pooled))
+        logits = self.encoder.head(hidden)
         return GatedOutput(logits=logits, num_tokens=num_tokens, kept=torch.stack(kept_counts, dim=1),
                            present=torch.stack(present_per_layer, dim=1),
-                           kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None)
+                           kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None,
+                           decided=decided, decisions=decisions)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
-        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of gates else."""
+        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else."""
         blocked = torch.finfo(dtype).min
         if self.mask_attention:
             bias = torch.where(real & (kept_weight > 0), torch.log(kept_weight.clamp(min=_LOG_FLOOR)), blocked)
@@ -222,21 +298,12 @@ class GatedBert(nn.Module):
             bias = torch.where(real, 0.0, blocked).to(dtype)
         return bias[:, None, None, :]
 
-
-@torch.no_grad()
-def _leading_open(gates: torch.Tensor) -> list[int]:
-    """Per gated layer, how many ranks from the first are open (g >= 0.5) before one is closed."""
-    closed = gates < 0.5
-    return torch.where(closed.any(dim=1), closed.int().argmax(dim=1), gates.size(1)).tolist()
-
-
-@torch.no_grad()
-def _rank_tokens(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Rank of each token: CLS first, then present tokens by score, then dropped tokens and pads."""
-    order_key = torch.where(present, score, -1.0)
-    order_key[:, 0] = math.inf
-    order = torch.argsort(order_key, dim=1, descending=True, stable=True)
-    return torch.argsort(order, dim=1)
+    def flops(self, out: GatedOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FLOPs of each example as it ran, FLOPs of the same examples un-pruned)."""
+        num_tokens, kept = out.num_tokens.cpu(), out.kept.cpu()
+        dims = self.encoder.dims
+        return (flops_per_example(num_tokens, kept, dims),
+                flops_per_example(num_tokens, baseline_kept(num_tokens, dims.num_layers), dims))
 
 
 def _gather_kept(hidden, keep, positions):
@@ -254,84 +321,34 @@ def _scatter_present(present, positions, length) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Regularizer (METHOD.md §2)
-
-
-@dataclass
-class RegularizerParts:
-    sparsity: torch.Tensor
-    """λ · Σ_l w_l · mean_j g_lj."""
-    bimodal: torch.Tensor
-    """μ · Σ_l mean_j g_lj (1 - g_lj)."""
-
-    @property
-    def total(self) -> torch.Tensor:
-        return self.sparsity + self.bimodal
-
-
-def layer_weights(gate_layers: list[int], num_layers: int, weighting: str = "linear") -> torch.Tensor:
-    """w_l = l / L (1-based), so deeper layers pay more for each kept token; or all 1."""
-    if weighting not in LAYER_WEIGHTINGS:
-        raise ValueError(f"unknown layer weighting {weighting!r}; expected one of {LAYER_WEIGHTINGS}")
-    if weighting == "none":
-        return torch.ones(len(gate_layers))
-    return torch.tensor([(layer + 1) / num_layers for layer in gate_layers])
-
-
-def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu: float,
-                     kept_soft: torch.Tensor | None = None) -> RegularizerParts:
-    """Sparsity (L1, weighted by depth) plus the bi-modal term g(1 - g) on every gate but CLS's.
-
-    Without ``kept_soft`` (``gate.sparsity: ranks``, PoWER-BERT's L1) the sparsity is the mean gate
-    value over all ranks, so ranks that short inputs never reach count as much as the ones they
-    use. With ``kept_soft`` (``tokens``) it is the batch's mean expected kept fraction after each
-    gated layer: only real tokens count, a gate counts as often as it is used, and closing a token
-    early also lowers every later layer's term, as it lowers their FLOPs.
-    """
-    free = gates[:, 1:]
-    kept = free.mean(dim=1) if kept_soft is None else kept_soft.mean(dim=0)
-    sparsity = lam * (weights.to(kept) * kept).sum()
-    bimodal = mu * (free * (1.0 - free)).mean(dim=1).sum()
-    return RegularizerParts(sparsity=sparsity, bimodal=bimodal)
-
-
-def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold") -> float:
-    """μ at a point of training (progress in [0, 1]).
-
-    ``hold``: 0 for the first 20% of steps, a linear ramp to scale·λ by 50%, then held. A constant
-    μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal gradient pushes up).
-    """
-    if schedule not in BIMODAL_SCHEDULES:
-        raise ValueError(f"unknown bimodal schedule {schedule!r}; expected one of {BIMODAL_SCHEDULES}")
-    top = scale * lam
-    if schedule == "constant":
-        return top
-    return top * min(max((progress - 0.2) / 0.3, 0.0), 1.0)
-
-
-# ---------------------------------------------------------------------------------------------
 # FLOPs (METHOD.md §4): matrix products only, FLOPs = 2 x MACs, per example on real tokens.
 
 
-def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, hidden: int, intermediate: int,
-                      num_labels: int) -> torch.Tensor:
+def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, dims: EncoderDims) -> torch.Tensor:
     """Analytic FLOPs of each example for a kept-token schedule.
 
-    Layer l with L_in tokens entering and L_out after its gate (the gate sits after attention):
-    MAC = 4·D²·L_in (Q, K, V, O) + 2·D·L_in² (QKᵀ, AV) + 2·D·I·L_out (FFN). The pooler (D², CLS
-    only) and classifier (D·C) are counted; embeddings are lookups, no matrix products.
-    ``num_tokens``: (batch,); ``kept``: (batch, layers). Un-pruned: kept = num_tokens per layer.
+    Layer l with L_in tokens entering and L_out after its decision (made after attention):
+    MAC = 4·D²·L_in (Q, K, V, O) + 2·D·L_in² (QKᵀ, AV) + 2·D·I·L_out (FFN). The head (on the first
+    token: BERT's pooler and classifier, RoBERTa's and ELECTRA's dense and out_proj, DistilBERT's
+    pre_classifier and classifier) and any projection inside the embeddings are counted; embedding
+    lookups are not matrix products. ``num_tokens``: (batch,); ``kept``: (batch, layers).
     """
+    hidden, intermediate = dims.hidden, dims.intermediate
     tokens_out = kept.double()
     tokens_in = torch.cat([num_tokens.double()[:, None], tokens_out[:, :-1]], dim=1)
     macs = (4 * hidden**2 * tokens_in + 2 * hidden * tokens_in**2 + 2 * hidden * intermediate * tokens_out)
-    macs = macs.sum(dim=1) + hidden * hidden + hidden * num_labels
+    macs = macs.sum(dim=1) + dims.head_macs + dims.embed_macs_per_token * num_tokens.double()
     return 2 * macs
 
 
 def baseline_kept(num_tokens: torch.Tensor, num_layers: int) -> torch.Tensor:
     """The un-pruned schedule: every layer keeps every real token."""
     return num_tokens[:, None].expand(-1, num_layers)
+
+
+def flops_ratio(out_flops: torch.Tensor, baseline_flops: torch.Tensor) -> float:
+    """Mean FLOPs over mean un-pruned FLOPs: the fraction of the work a batch of these inputs costs."""
+    return float(out_flops.double().mean() / baseline_flops.double().mean())
 
 
 def _register_cpu_sdpa_flops() -> None:

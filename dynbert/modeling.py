@@ -6,14 +6,15 @@ import contextlib
 from collections import Counter
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification,
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-from .core import GatedBert
+from .core import GatedModel
+from .encoders import adapter_class, adapter_for, supported_model_types
+from .methods import build_method
 from .errors import DynbertError, first_line
 from .hub import go_offline_if_unreachable
 from .tasks import TaskSpec
@@ -21,7 +22,7 @@ from .tasks import TaskSpec
 # save_pretrained's shard progress bar is noise in a CLI that draws its own progress.
 hf_logging.disable_progress_bar()
 
-GATES_FILE = "gates.safetensors"
+METHOD_FILE = "method.safetensors"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -75,22 +76,19 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
         _check_family(source, config)
         tokenizer = AutoTokenizer.from_pretrained(source)
         _check_tokenizer(source, tokenizer, config)
+        adapter = adapter_class(config.model_type)
         with _quiet_transformers():
-            model, info = BertForSequenceClassification.from_pretrained(source, output_loading_info=True, **labels)
+            model, info = adapter.model_class.from_pretrained(source, output_loading_info=True, **labels)
     except DynbertError:
         raise
     except Exception as error:  # noqa: BLE001 - unreachable hub, truncated or foreign files: one sentence
         raise DynbertError(_cannot_load_message(source, error)) from error
-    _check_loaded(source, info)
+    _check_loaded(source, info, adapter.new_head)
     return model, tokenizer
 
 
-SUPPORTED_MODEL_TYPES = ("bert",)
-"""config.json model_type values dynbert can gate (MiniLM checkpoints are BERTs)."""
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-"""A BERT tokenizer is one of these; without them transformers would invent a tiny vocabulary."""
-NEW_HEAD = ("classifier.",)
-"""Weights a checkpoint may lack: the task's new classification head."""
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
+"""A tokenizer is one of these; without them transformers would invent a tiny vocabulary."""
 
 
 def _label_config(spec: TaskSpec) -> dict:
@@ -101,9 +99,9 @@ def _label_config(spec: TaskSpec) -> dict:
 
 
 def _check_family(source: str, config) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise DynbertError(f"model.name_or_path={source} is a '{config.model_type}' model; dynbert gates "
-                           f"{', '.join(SUPPORTED_MODEL_TYPES)} models: pass a checkpoint of one of those")
+    if adapter_class(config.model_type) is None:
+        raise DynbertError(f"model.name_or_path={source} is a '{config.model_type}' model; dynbert prunes "
+                           f"{', '.join(supported_model_types())} models: pass a checkpoint of one of those")
 
 
 def _check_tokenizer(source: str, tokenizer, config) -> None:
@@ -116,9 +114,9 @@ def _check_tokenizer(source: str, tokenizer, config) -> None:
                            f"{config.vocab_size}: pass a folder whose tokenizer belongs to its weights")
 
 
-def _check_loaded(source: str, info: dict) -> None:
+def _check_loaded(source: str, info: dict, new_head: tuple[str, ...]) -> None:
     """Only the new head may be missing: anything else would silently be random weights."""
-    missing = sorted(key for key in info["missing_keys"] if not key.startswith(NEW_HEAD))
+    missing = sorted(key for key in info["missing_keys"] if not key.startswith(new_head))
     mismatched = sorted(str(item[0]) if isinstance(item, tuple) else str(item) for item in info["mismatched_keys"])
     if missing or mismatched:
         names = missing + mismatched
@@ -157,52 +155,55 @@ def _cannot_load_message(source: str, error: Exception) -> str:
             "or run offline with model=tiny task=synthetic")
 
 
-def make_gated(model: BertForSequenceClassification, gate_cfg, max_length: int) -> GatedBert:
-    """Wrap the classifier with the gates the config asks for (gate=none: no gated layer)."""
-    layers = list(gate_cfg.layers) if gate_cfg.layers is not None else None
-    if not gate_cfg.enabled:
-        layers = []
-    # Checked here, not only in GatedBert, so the message names the key to change.
-    num_layers, positions = model.config.num_hidden_layers, model.config.max_position_embeddings
-    if layers and not all(0 <= layer < num_layers for layer in layers):
-        raise DynbertError(f"gate.layers={layers} is out of range: the model has layers 0..{num_layers - 1}")
+def make_gated_model(model, method_cfg, max_length: int) -> GatedModel:
+    """Wrap the classifier with the pruning method the config asks for (method=none: nothing pruned)."""
+    positions = model.config.max_position_embeddings
     if max_length > positions:
         raise DynbertError(f"task.max_length={max_length} exceeds the model's {positions} positions: "
                            f"pass task.max_length={positions} or less")
     try:
-        return GatedBert(model, max_length=max_length, gate_layers=layers, score=gate_cfg.score,
-                         parametrization=gate_cfg.parametrization,
-                         mask_attention=gate_cfg.mask_attention, monotone=gate_cfg.monotone)
+        adapter = adapter_for(model)
+        method = build_method(method_cfg, adapter.dims.num_layers, max_length)
+        return GatedModel(model, method, mask_attention=method_cfg.mask_attention, encoder=adapter)
     except ValueError as error:
-        raise DynbertError(f"bad gate or model setting: {error}") from error
+        raise DynbertError(f"bad method or model setting: {error}") from error
 
 
-def save_model(gated: GatedBert, tokenizer, folder: Path) -> None:
-    """HF layout (config.json, model.safetensors, tokenizer files) plus the gates."""
+def save_model(gated: GatedModel, tokenizer, folder: Path) -> None:
+    """HF layout (config.json, model.safetensors, tokenizer files) plus the method's state.
+
+    Plain transformers loads ``folder`` as the un-pruned classifier; the pruning decisions (gates,
+    thresholds, retention) are in ``method.safetensors`` and need dynbert.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    gated.model.config._attn_implementation = "sdpa"  # a plain BERT when reloaded by others
+    gated.model.config._attn_implementation = "sdpa"  # a plain model when reloaded by others
     gated.model.save_pretrained(folder)
     gated.model.config._attn_implementation = "dynbert"
     tokenizer.save_pretrained(folder)
-    save_file({"gates": gated.gates.raw.detach().contiguous()}, str(folder / GATES_FILE))
+    state = {name: tensor.detach().contiguous() for name, tensor in gated.method.state_dict().items()}
+    save_file(state, str(folder / METHOD_FILE), metadata={"method": gated.method.name})
 
 
-def load_model(folder: Path, gate_cfg, max_length: int):
+def load_model(folder: Path, method_cfg, max_length: int):
     """Reload what ``save_model`` wrote. Safetensors only: nothing is unpickled or executed."""
-    if not (folder / GATES_FILE).is_file() or not (folder / "model.safetensors").is_file():
-        raise DynbertError(f"{folder} holds no trained model (model.safetensors and {GATES_FILE}); "
+    if not (folder / METHOD_FILE).is_file() or not (folder / "model.safetensors").is_file():
+        raise DynbertError(f"{folder} holds no trained model (model.safetensors and {METHOD_FILE}); "
                            "train one with `dynbert train` first")
     try:
-        model = BertForSequenceClassification.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
+        _check_family(str(folder), config)
+        model = adapter_class(config.model_type).model_class.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        state = load_file(str(folder / METHOD_FILE))
+    except DynbertError:
+        raise
     except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: the run is unusable
         raise DynbertError(f"the model in {folder} does not load ({error.__class__.__name__}: "
                            f"{first_line(error)}); train it again") from error
-    gated = make_gated(model, gate_cfg, max_length)
-    raw = load_file(str(folder / GATES_FILE))["gates"]
-    if raw.shape != gated.gates.raw.shape:
-        raise DynbertError(f"{folder / GATES_FILE} holds gates of shape {tuple(raw.shape)}, "
-                           f"the config asks for {tuple(gated.gates.raw.shape)}")
-    with torch.no_grad():
-        gated.gates.raw.copy_(raw)
+    gated = make_gated_model(model, method_cfg, max_length)
+    try:
+        gated.method.load_state_dict(state)
+    except RuntimeError as error:
+        raise DynbertError(f"{folder / METHOD_FILE} does not fit method {method_cfg.name} "
+                           f"({first_line(error)}): the run folder was changed by hand") from error
     return gated, tokenizer

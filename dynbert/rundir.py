@@ -295,7 +295,7 @@ def load_run_config(run_dir: Path) -> DictConfig:
                            "that `dynbert train` wrote")
     try:
         cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-        cfg.gate, cfg.task.max_length  # noqa: B018 - a dynbert config has both
+        cfg.method, cfg.task.max_length  # noqa: B018 - a dynbert config has both
     except Exception as error:  # noqa: BLE001 - not YAML, or not a dynbert config
         raise DynbertError(f"{run_dir / CONFIG_FILE} is not a dynbert run config "
                            f"({error.__class__.__name__}): pass a folder that `dynbert train` wrote") from error

@@ -4,7 +4,7 @@ The CLI side (`run_sweep`) reads the sweep config, hands Hydra its overrides in 
 (`python -m dynbert.sweep --multirun ...`: `@hydra.main` owns sys.argv, and Hydra's launchers,
 joblib or submitit, need its own multirun machinery), then summarises. Each job (`job`) is one
 `train(cfg)` in its own folder `<sweep>/<task>/<run_name>[-<key>=<value>...]`: the run name holds
-λ, the gate and the seed, and every other swept key is appended, so two jobs never share a folder
+the method, its knob (λ or keep) and the seed, and every other swept key is appended, so two jobs never share a folder
 and re-running the sweep finds finished runs and skips them.
 
 Signals: the sweep's jobs run in their own process group. Ctrl-C or SIGTERM on `dynbert sweep`
@@ -32,8 +32,8 @@ from rich.table import Table
 from .errors import DynbertError, atomic_write_json, first_line
 
 _SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
-NAMED_KEYS = ("task", "lambda", "seed", "gate", "output_dir")
-"""Swept keys the run folder already names (``<task>/<gate>-lambda<λ>-seed<seed>``)."""
+NAMED_KEYS = ("task", "lambda", "seed", "method", "method.keep", "output_dir")
+"""Swept keys the run folder already names (``<task>/<method>-<knob>-seed<seed>``)."""
 
 
 class SweepInterrupted(DynbertError):
@@ -93,9 +93,9 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
     # Each job names its folder after these keys (see `run_folder`).
     passed.append(f"sweep.swept_keys=[{','.join(sorted(grid))}]")
     runs = [passed + list(grid.values())]
-    if cfg.sweep.baseline and cfg.gate.enabled and "gate" not in user_keys:
+    if cfg.sweep.baseline and cfg.method.name != "none" and "method" not in user_keys:
         baseline_grid = [line for key, line in grid.items() if key != "lambda"]
-        runs.append(passed + baseline_grid + ["gate=none", "lambda=0"])
+        runs.append(passed + baseline_grid + ["method=none", "lambda=0"])
     return folder, runs, cfg
 
 
@@ -206,10 +206,10 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
     counts = {name: sum(s["status"] == name for s in statuses) for name in names}
     missing = total - len(statuses)
     table = Table(title=f"sweep {folder}")
-    for column in ("task", "λ", "gate", "seed", "run", "status", "score", "FLOPs ratio", "note"):
+    for column in ("task", "method", "λ", "seed", "run", "status", "score", "FLOPs ratio", "note"):
         table.add_column(column)
     for s in statuses:
-        table.add_row(s["task"], f"{s['lambda']:g}", s["gate"], str(s["seed"]), Path(s["run_dir"]).name,
+        table.add_row(s["task"], s["method"], f"{s['lambda']:g}", str(s["seed"]), Path(s["run_dir"]).name,
                       s["status"], f"{s['score']:.4f}" if s.get("score") is not None else "",
                       f"{s['flops_ratio']:.3f}" if s.get("flops_ratio") is not None else "",
                       s.get("error", ""))
@@ -236,11 +236,11 @@ def job(cfg: DictConfig) -> str:
     OmegaConf.set_struct(cfg, False)
     cfg.output_dir = str(run_dir)
     cfg.pop("hydra", None)
-    status = dict(sweep_id=os.environ.get(_SWEEP_ID), task=cfg.task.name, gate=cfg.gate.name,
+    status = dict(sweep_id=os.environ.get(_SWEEP_ID), task=cfg.task.name, method=cfg.method.name,
                   seed=cfg.seed, run_dir=str(run_dir))
     status["lambda"] = float(cfg["lambda"])
     console = Console(stderr=True)
-    label = f"{cfg.task.name} λ={cfg['lambda']:g} gate={cfg.gate.name} seed={cfg.seed} ({run_dir.name})"
+    label = f"{cfg.task.name} {cfg.method.name} {cfg.method.knob} seed={cfg.seed} ({run_dir.name})"
     try:
         take_ownership(run_dir)
     except DynbertError as error:  # not ours: write nothing there (the summary counts it as unreported)

@@ -22,11 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn import functional as F
 
 from . import __version__, stop
-from .core import GatedBert, bimodal_weight, gate_regularizer, layer_weights
+from .core import GatedModel
 from .data import Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
 from .evaluate import evaluate, pruning_warnings
-from .modeling import build_model, load_model, make_gated, save_model
+from .modeling import build_model, load_model, make_gated_model, save_model
 from .rundir import (CHECKPOINT_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
                      load_checkpoint, load_run_config, read_complete_metrics, save_checkpoint)
 from .tasks import TaskSpec, get_task
@@ -44,7 +44,7 @@ class TrainingInterrupted(DynbertError):
 
 
 def train(cfg: DictConfig, console: Console | None = None) -> dict:
-    """Fine-tune with gates, evaluate in soft and hard mode, write the run folder; return metrics."""
+    """Fine-tune with token pruning, evaluate in soft and hard mode, write the run folder; return metrics."""
     console = console or Console(stderr=True)
     run_dir = Path(str(cfg.output_dir)).expanduser()
     accelerator = make_accelerator(cfg.train)
@@ -92,7 +92,7 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     splits = load_splits(cfg, spec)
     texts = [t for e in splits["train"] for t in (e.text_a, e.text_b) if t]
     model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, texts)
-    gated = make_gated(model, cfg.gate, cfg.task.max_length)
+    gated = make_gated_model(model, cfg.method, cfg.task.max_length)
     encoded = {name: encode(examples, tokenizer, cfg.task.max_length, spec) for name, examples in splits.items()}
 
     state = fit(gated, encoded["train"], cfg, run_dir, spec, accelerator, logger, console)
@@ -103,11 +103,12 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         metrics = evaluate(gated, encoded, spec, cfg.train.eval_batch_size, accelerator.autocast)
         save_model(gated, tokenizer, run_dir / MODEL_DIR)
         lam = float(cfg["lambda"])
-        metrics.update(task=spec.name, baseline=not cfg.gate.enabled, seed=cfg.seed, version=__version__,
-                       train_seconds=round(state.seconds, 2), steps=state.step, run_dir=str(run_dir),
-                       gate_score=cfg.gate.score, precision=cfg.train.precision, device=str(accelerator.device))
+        metrics.update(task=spec.name, method=cfg.method.name, baseline=cfg.method.name == "none", seed=cfg.seed,
+                       version=__version__, train_seconds=round(state.seconds, 2), steps=state.step,
+                       run_dir=str(run_dir), score_name=cfg.method.get("score"), precision=cfg.train.precision,
+                       device=str(accelerator.device), model=cfg.model.name)
         metrics["lambda"] = lam
-        metrics["warnings"] = pruning_warnings(metrics, lam, cfg.gate.enabled)
+        metrics["warnings"] = pruning_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.info("done: %s", {k: metrics[k] for k in ("score", "score_soft", "flops_ratio", "warnings")})
@@ -115,11 +116,11 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     return metrics if main else read_complete_metrics(run_dir)
 
 
-def load_run(run_dir: Path) -> GatedBert:
-    """The trained, pruned model of a finished run folder (its gates are exactly 0/1)."""
+def load_run(run_dir: Path) -> GatedModel:
+    """The trained, pruned model of a finished run folder (its decisions are exactly 0/1)."""
     run_dir = Path(run_dir).expanduser()
     cfg = load_run_config(run_dir)
-    gated, _ = load_model(run_dir / MODEL_DIR, cfg.gate, cfg.task.max_length)
+    gated, _ = load_model(run_dir / MODEL_DIR, cfg.method, cfg.task.max_length)
     return gated
 
 
@@ -138,24 +139,26 @@ def _file_logger(path: Path) -> logging.Logger:
 # Optimizer and schedules
 
 
-def _optimizer(gated: GatedBert, cfg: DictConfig) -> torch.optim.Optimizer:
-    """AdamW: the encoder at train.lr with weight decay (not on biases and norms); gates at gate.lr."""
+def _optimizer(gated: GatedModel, cfg: DictConfig) -> tuple[torch.optim.Optimizer, list]:
+    """AdamW: the encoder at train.lr with weight decay (not on biases and norms, as its adapter
+    names them); the method's own parameters at the rates and schedules it asks for.
+
+    Returns the optimizer and each group's lr schedule, a factor of ``(step, total_steps)``.
+    """
     decay, no_decay = [], []
     for name, param in gated.model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(param)
+        (no_decay if gated.encoder.no_decay(name) else decay).append(param)
     groups = [dict(params=decay, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
               dict(params=no_decay, lr=cfg.train.lr, weight_decay=0.0)]
-    if gated.gate_layers:
-        groups.append(dict(params=[gated.gates.raw], lr=cfg.gate.lr, weight_decay=0.0))
-    return torch.optim.AdamW(groups)
+    schedules = [None, None]
+    for group in gated.method.param_groups():
+        schedules.append(group.pop("schedule"))
+        groups.append(group)
+    return torch.optim.AdamW(groups), schedules
 
 
-def _scheduler(optimizer, total_steps: int, warmup_ratio: float, gate_start: float):
-    """The encoder: linear warm-up then linear decay. Gates: frozen until `gate.start`, then constant.
-
-    A model trained from scratch must first learn which tokens matter; gates that move before
-    that only see the sparsity pull and close everything.
-    """
+def _scheduler(optimizer, schedules: list, total_steps: int, warmup_ratio: float):
+    """The encoder: linear warm-up then linear decay. The method's groups: their own schedules."""
     warmup = int(warmup_ratio * total_steps)
 
     def encoder(step: int) -> float:
@@ -163,17 +166,9 @@ def _scheduler(optimizer, total_steps: int, warmup_ratio: float, gate_start: flo
             return step / max(1, warmup)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    def gates(step: int) -> float:
-        return 1.0 if step >= gate_start * total_steps else 0.0
-
-    lambdas = [encoder] * 2 + [gates] * (len(optimizer.param_groups) - 2)
+    lambdas = [encoder if schedule is None else (lambda step, s=schedule: s(step, total_steps))
+               for schedule in schedules]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def _gate_progress(step: int, total_steps: int, gate_start: float) -> float:
-    """How far the gates' own phase of training is, in [0, 1] (the bi-modal schedule runs on it)."""
-    begin = gate_start * total_steps
-    return min(max((step - begin) / max(1.0, total_steps - begin), 0.0), 1.0)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
@@ -192,7 +187,7 @@ class LoopState:
     seconds: float = 0.0
 
 
-def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec, accelerator,
+def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec, accelerator,
         logger: logging.Logger, console: Console) -> LoopState:
     """Train ``gated`` in place; resume from and save ``checkpoint.pt``; return the loop's state."""
     tcfg, lam = cfg.train, float(cfg["lambda"])
@@ -203,9 +198,8 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
         total_steps = min(total_steps, tcfg.max_steps)
-    optimizer = _optimizer(gated, cfg)
-    scheduler = _scheduler(optimizer, total_steps, tcfg.warmup_ratio, cfg.gate.start)
-    weights = layer_weights(gated.gate_layers, gated.num_layers, cfg.gate.layer_weighting)
+    optimizer, schedules = _optimizer(gated, cfg)
+    scheduler = _scheduler(optimizer, schedules, total_steps, tcfg.warmup_ratio)
     checkpoint = run_dir / CHECKPOINT_FILE
     state = LoopState()
     if checkpoint.is_file():
@@ -213,8 +207,8 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
     model, optimizer = accelerator.prepare(gated, optimizer)
-    gates = gated.gates  # the same module whether or not Accelerate wrapped the model
-    weights = weights.to(accelerator.device)
+    method = gated.method  # the same module whether or not Accelerate wrapped the model
+    method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     model.train()
@@ -233,7 +227,7 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
         kept = (f"the checkpoint of step {saved_step} is kept in {run_dir}" if saved_step is not None
                 else "no checkpoint was saved yet")
         return DynbertError(f"{what} is not finite at step {state.step + 1} ({detail}); training stopped and "
-                            f"{kept}: lower train.lr or gate.lr and start over with train.overwrite=true")
+                            f"{kept}: lower train.lr or method.lr and start over with train.overwrite=true")
 
     # Off a terminal (logs, sweeps) a progress bar would only print blank lines: train.log has it.
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -244,8 +238,7 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
         with stop.raising(), progress:
             bar = progress.add_task(f"{spec.name} λ={lam:g}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
-                mu = bimodal_weight(_gate_progress(state.step, total_steps, cfg.gate.start), lam,
-                                    cfg.gate.bimodal_weight, cfg.gate.bimodal_schedule)
+                method.begin_step(state.step, total_steps)
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
                     batch = collate(data, indices[rank::world] or indices[:1]).to(accelerator.device)
@@ -254,12 +247,8 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
                         with accelerator.autocast():
                             out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
                         loss_task = task_loss(out.logits, batch.labels, spec)
-                        parts = None
-                        loss = loss_task
-                        if gated.gate_layers:
-                            kept_soft = out.kept_soft if cfg.gate.sparsity == "tokens" else None
-                            parts = gate_regularizer(gates(), weights, lam, mu, kept_soft)
-                            loss = loss + parts.total
+                        parts = method.regularizer(out, lam, state.step, total_steps)
+                        loss = loss_task if parts is None else loss_task + parts.total
                         if not torch.isfinite(loss):
                             detail = f"task {loss_task.item():.4g}"
                             if parts is not None:
@@ -274,11 +263,11 @@ def fit(gated: GatedBert, data: Encoded, cfg: DictConfig, run_dir: Path, spec: T
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                gates.project_()
+                method.after_step()
                 state.step += 1
 
                 speed = (state.step - first_step) * tcfg.batch_size * accumulate / (time.perf_counter() - started)
-                stats = _step_stats(loss_task, parts, gates, out) + f" {speed:.0f} ex/s"
+                stats = _step_stats(loss_task, parts, out) + f" {speed:.0f} ex/s"
                 progress.update(bar, completed=state.step, stats=stats)
                 if state.step % 50 == 0 or state.step == total_steps:
                     logger.info("step %d/%d %s", state.step, total_steps, stats)
@@ -308,17 +297,16 @@ def _step_batch(data: Encoded, cfg: DictConfig, batch_number: int, cache: dict) 
     return cache[epoch][offset]
 
 
-def _step_stats(loss_task, parts, gates, out) -> str:
+def _step_stats(loss_task, parts, out) -> str:
     text = f"task {loss_task.item():.3f}"
     if parts is not None:
-        open_gates = gates().detach()[:, 1:].ge(0.5).float().mean().item()
-        kept = (out.kept[:, -1].float() / out.num_tokens.float()).mean().item()
+        kept = (out.kept.float() / out.num_tokens.float()[:, None]).mean(dim=0)
         text += (f" sparsity {parts.sparsity.item():.3f} bimodal {parts.bimodal.item():.4f}"
-                 f" open {open_gates:.2f} kept-last {kept:.2f}")
+                 f" kept {' '.join(f'{k:.2f}' for k in kept.tolist())}")
     return text
 
 
-def _checkpoint_state(gated: GatedBert, optimizer, scheduler, step: int, seconds: float) -> dict:
+def _checkpoint_state(gated: GatedModel, optimizer, scheduler, step: int, seconds: float) -> dict:
     """Everything a resume needs, as tensors and numbers (loadable with weights_only=True)."""
     state = {"model": gated.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": step, "seconds": seconds}
@@ -327,7 +315,7 @@ def _checkpoint_state(gated: GatedBert, optimizer, scheduler, step: int, seconds
     return state
 
 
-def _restore(saved: dict, path: Path, gated: GatedBert, optimizer, scheduler) -> LoopState:
+def _restore(saved: dict, path: Path, gated: GatedModel, optimizer, scheduler) -> LoopState:
     """Load a checkpoint (saved on any device) into the model, optimizer and scheduler before
     Accelerate moves them to this run's device."""
     try:

@@ -75,3 +75,13 @@ def comparable(metrics: dict) -> dict:
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root, by relative path, with its bytes."""
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def gated_bert(model, max_length: int, layers=None, mask_attention: bool = True, **gate_options):
+    """A BERT classifier pruned by the paper's gates (every layer unless ``layers``)."""
+    from dynbert.core import GatedModel
+    from dynbert.methods.gates import Gates
+
+    num_layers = model.config.num_hidden_layers
+    layers = list(range(num_layers)) if layers is None else sorted(set(layers))
+    return GatedModel(model, Gates(layers, max_length, num_layers, **gate_options), mask_attention=mask_attention)

@@ -10,8 +10,11 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from dynbert.bench import BENCH_FILE, bench_json_path, run_bench, schedule_gates
-from dynbert.core import GatedBert
+from dynbert.core import GatedModel
 from dynbert.errors import DynbertError
+from dynbert.methods import NoPruning
+
+from helpers import gated_bert
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
             max_position_embeddings=128)
@@ -90,19 +93,19 @@ def test_keep50_is_also_benched_with_cls_attention(quick):
     assert {row["score"] for row in _rows(result, schedule="keep30")} == {"attention_received"}
 
 
-def _tiny_gated(score="cls_attention") -> GatedBert:
+def _tiny_gated(score="cls_attention") -> GatedModel:
     torch.manual_seed(0)
     bert = BertForSequenceClassification(BertConfig(num_labels=2, **TINY))
-    return GatedBert(bert, max_length=32, score=score)
+    return gated_bert(bert, max_length=32, score=score)
 
 
 def test_learned_schedule_uses_the_models_gates_and_leaves_it_as_found(tmp_path):
     model = _tiny_gated()
     with torch.no_grad():
-        model.gates.raw[0, 8:] = 0.0  # layer 0 keeps 8 of 32 ranks
-        model.gates.raw[1, 4:] = 0.3  # layer 1 keeps 4
+        model.method.gates.raw[0, 8:] = 0.0  # layer 0 keeps 8 of 32 ranks
+        model.method.gates.raw[1, 4:] = 0.3  # layer 1 keeps 4
     model.train()
-    before = model.gates.raw.detach().clone()
+    before = model.method.gates.raw.detach().clone()
     out = tmp_path / "nested" / "result.json"
     result = run_bench(quick=True, model=model, schedules=["keep70", "learned"], batch_sizes=[2], seq_lens=[32],
                        threads=1, out=out)  # keep70 first: its gates must not leak into learned's
@@ -111,8 +114,8 @@ def test_learned_schedule_uses_the_models_gates_and_leaves_it_as_found(tmp_path)
     assert learned["score"] == "cls_attention"
     assert learned["kept_per_layer"] == [8, 4]
     assert learned["flops_ratio_measured"] == pytest.approx(learned["flops_ratio_analytic"], rel=0.01)
-    assert torch.equal(model.gates.raw, before)
-    assert model.training and model.score == "cls_attention"
+    assert torch.equal(model.method.gates.raw, before)
+    assert model.training and model.method.score == "cls_attention"
     assert model.model.config._attn_implementation == "dynbert"
 
 
@@ -122,7 +125,7 @@ def test_schedule_gates():
     assert keep50[0].sum() == 16 and keep50[1].sum() == 31
     power = schedule_gates(model, "power", 20)
     assert power.sum(dim=1).tolist() == [math.ceil(0.15 ** 0.5 * 20), 3]
-    assert torch.equal(schedule_gates(model, "full", 32), torch.ones_like(model.gates.raw))
+    assert torch.equal(schedule_gates(model, "full", 32), torch.ones_like(model.method.gates.raw))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -138,10 +141,10 @@ def test_mistakes_are_dynbert_errors(tmp_path, kwargs, message):
     assert not (tmp_path / BENCH_FILE).exists()
 
 
-def test_a_model_without_gates_is_refused(tmp_path):
+def test_a_model_without_pruning_is_refused(tmp_path):
     torch.manual_seed(0)
-    ungated = GatedBert(BertForSequenceClassification(BertConfig(num_labels=2, **TINY)), max_length=32, gate_layers=[])
-    with pytest.raises(DynbertError, match="no gated layer"):
+    ungated = GatedModel(BertForSequenceClassification(BertConfig(num_labels=2, **TINY)), NoPruning([], 32))
+    with pytest.raises(DynbertError, match="prunes no layer"):
         run_bench(quick=True, model=ungated, out=tmp_path)
 
 

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dynbert import core
+from dynbert.methods import gates
 from dynbert.train import PRECISIONS
 from dynbert.config import CHOICES, compose_config, conf_dir
 from dynbert.errors import DynbertError
@@ -31,7 +32,7 @@ def _leaves(tree, prefix: str = "") -> dict:
 
 def test_every_group_is_found():
     # The listing below must not silently shrink (e.g. conf/ moved and nothing found).
-    assert {"debug", "experiment", "gate", "model", "sweep", "task", "train"} <= set(GROUPS)
+    assert {"debug", "experiment", "method", "model", "sweep", "task", "train"} <= set(GROUPS)
     assert ("experiment", "demo") in OPTIONS and ("debug", "fast") in OPTIONS
 
 
@@ -80,7 +81,7 @@ def test_train_help_lists_the_config_groups():
         options = ", ".join(sorted(path.stem for path in (conf_dir() / group).glob("*.yaml")))
         assert f"{group}: {options}" in text
     assert "task: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, synthetic, wnli" in text
-    assert "gate: default, none" in text and "experiment: demo" in text
+    assert "method: gates, none" in text and "experiment: demo" in text
 
 
 def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch):
@@ -90,7 +91,7 @@ def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch
     assert "${" not in result.stdout  # interpolations resolved
     cfg = OmegaConf.create(result.stdout)
     assert cfg["lambda"] == 0.3 and cfg.seed == 2 and cfg.task.name == "rte" and cfg.model.name == "tiny"
-    assert cfg.output_dir == "outputs/runs/rte/gated-lambda0.3-seed2"
+    assert cfg.output_dir == "outputs/runs/rte/gates-lambda0.3-seed2"
     assert cfg.train.lr == cfg.model.lr
     assert list(tmp_path.iterdir()) == []
     # A bad override still fails with --cfg.
@@ -98,17 +99,17 @@ def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch
 
 
 def test_choices_checked_in_the_config_are_the_ones_core_accepts():
-    assert {key: CHOICES[key] for key in CHOICES if key.startswith("gate.")} == {
-        "gate.score": core.SCORES, "gate.parametrization": core.PARAMETRIZATIONS,
-        "gate.layer_weighting": core.LAYER_WEIGHTINGS, "gate.sparsity": core.SPARSITY_TARGETS,
-        "gate.bimodal_schedule": core.BIMODAL_SCHEDULES}
+    assert {key: CHOICES[key] for key in CHOICES if key.startswith("method.")} == {
+        "method.score": core.SCORES, "method.parametrization": gates.PARAMETRIZATIONS,
+        "method.layer_weighting": gates.LAYER_WEIGHTINGS, "method.sparsity": gates.SPARSITY_TARGETS,
+        "method.bimodal_schedule": gates.BIMODAL_SCHEDULES}
     assert CHOICES["train.precision"] == tuple(PRECISIONS)
-    with pytest.raises(DynbertError, match="gate.score=foo is not valid: pass one of attention_received, cls_attention"):
-        compose_config(["gate.score=foo"])
+    with pytest.raises(DynbertError, match="method.score=foo is not valid: pass one of attention_received, cls_attention"):
+        compose_config(["method.score=foo"])
 
 
-@pytest.mark.parametrize("override", ["train.max_steps=-1", "train.max_steps=abc", "train.lr=abc", "gate.lr=nan",
-                                      "train.epochs=0", "gate.bimodal_schedule=sometimes"])
+@pytest.mark.parametrize("override", ["train.max_steps=-1", "train.max_steps=abc", "train.lr=abc", "method.lr=nan",
+                                      "train.epochs=0", "method.bimodal_schedule=sometimes"])
 def test_values_that_would_fail_mid_run_or_train_nothing_fail_at_once(override):
     with pytest.raises(DynbertError, match=f"{re.escape(override)} is not valid"):
         compose_config([override])

@@ -14,19 +14,15 @@ import torch
 from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification
 
-from dynbert.core import (
-    GatedBert,
-    TokenGates,
-    baseline_kept,
-    bimodal_weight,
-    count_matmul_flops,
-    flops_per_example,
-    gate_regularizer,
-    layer_weights,
-)
+from dynbert.core import GatedModel, baseline_kept, count_matmul_flops, flops_per_example
+from dynbert.encoders import EncoderDims
+from dynbert.methods.gates import TokenGates, bimodal_weight, gate_regularizer, layer_weights
+
+from helpers import gated_bert
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, VOCAB, POSITIONS, LABELS = 32, 64, 3, 2, 100, 16, 3
 MAX_LENGTH = 16
+DIMS = EncoderDims(hidden=HIDDEN, intermediate=INTERMEDIATE, num_layers=LAYERS, head_macs=HIDDEN * HIDDEN + HIDDEN * LABELS)
 LENGTHS = (12, 9, 5, 3)  # a padded batch of mixed lengths; the longest is itself shorter than 16
 CLS, SEP, PAD = 1, 2, 0
 SCORES = ("attention_received", "cls_attention")
@@ -63,26 +59,26 @@ def make_batch(lengths=LENGTHS, seed: int = 0, width: int | None = None):
     return input_ids, attention_mask
 
 
-def set_random_binary_gates(gated: GatedBert, seed: int, parametrization: str) -> None:
+def set_random_binary_gates(gated: GatedModel, seed: int, parametrization: str) -> None:
     """Gates exactly 0/1 in a random (not rank-ordered) pattern, about 2/3 open."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if parametrization == "clip":
-            raw = (torch.rand(gated.gates.raw.shape, generator=generator) < 0.67).float()
-            gated.gates.raw.copy_(raw)
+            raw = (torch.rand(gated.method.gates.raw.shape, generator=generator) < 0.67).float()
+            gated.method.gates.raw.copy_(raw)
         else:
-            gated.gates.raw.copy_(torch.randn(gated.gates.raw.shape, generator=generator) * 3 + 1.0)
-            gated.gates.harden_()
-    gates = gated.gates()
+            gated.method.gates.raw.copy_(torch.randn(gated.method.gates.raw.shape, generator=generator) * 3 + 1.0)
+            gated.method.gates.harden_()
+    gates = gated.method.gates()
     assert torch.all((gates == 0) | (gates == 1))
 
 
-def close_ranks_from(gated: GatedBert, ks: list[int]) -> None:
+def close_ranks_from(gated: GatedModel, ks: list[int]) -> None:
     """Gated row r keeps ranks < ks[r] (clip gates)."""
     with torch.no_grad():
-        gated.gates.raw.fill_(1.0)
+        gated.method.gates.raw.fill_(1.0)
         for row, k in enumerate(ks):
-            gated.gates.raw[row, k:] = 0.0
+            gated.method.gates.raw[row, k:] = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +91,7 @@ def test_open_gates_match_hf_forward(reference_attn, score):
     model = make_bert(seed=1)
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = reference_attn
-    gated = GatedBert(model, MAX_LENGTH, score=score).eval()
+    gated = gated_bert(model, MAX_LENGTH, score=score).eval()
     # The reference must still be HF's own attention, not ours, and not share the gated config.
     assert reference.config._attn_implementation == reference_attn
     assert model.config._attn_implementation == "dynbert"
@@ -111,12 +107,12 @@ def test_open_gates_match_hf_forward(reference_attn, score):
 
 
 def test_wrapped_model_hf_forward_still_masks_padding():
-    """GatedBert switches the wrapped model's config to the "dynbert" kernel, so HF's own forward of
+    """GatedModel switches the wrapped model's config to the "dynbert" kernel, so HF's own forward of
     `gated.model` must still mask pads. (Fails at the time of writing: transformers builds no mask
     for an attention implementation with no registered mask function, so pads are attended.)"""
     model = make_bert(seed=2)
     reference = copy.deepcopy(model)
-    gated = GatedBert(model, MAX_LENGTH)
+    gated = gated_bert(model, MAX_LENGTH)
     input_ids, attention_mask = make_batch(seed=2)
     with torch.no_grad():
         expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -136,7 +132,7 @@ def test_binary_gates_soft_equals_hard(parametrization, score, monotone):
     pruned_somewhere = False
     for seed in range(3):
         torch.manual_seed(seed)
-        gated = GatedBert(make_bert(seed=seed), MAX_LENGTH, score=score,
+        gated = gated_bert(make_bert(seed=seed), MAX_LENGTH, score=score,
                           parametrization=parametrization, monotone=monotone).eval()
         set_random_binary_gates(gated, seed=100 + seed, parametrization=parametrization)
         with torch.no_grad():
@@ -152,7 +148,7 @@ def test_binary_gates_soft_equals_hard(parametrization, score, monotone):
 
 def test_binary_gates_soft_equals_hard_on_a_gate_layer_subset():
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=4), MAX_LENGTH, gate_layers=[1]).eval()
+    gated = gated_bert(make_bert(seed=4), MAX_LENGTH, layers=[1]).eval()
     close_ranks_from(gated, [4])
     input_ids, attention_mask = make_batch(seed=4)
     with torch.no_grad():
@@ -172,9 +168,9 @@ def test_closed_gate_removes_a_heavily_attended_key_as_gathering_does(seed):
     (Fails at the time of writing for seeds 0 and 2: a closed key gets log(1e-6) added to its
     logits, not a block, so it still takes 1e-6 * exp(logit gap) of the attention; seed 2 gives
     logits 0.06 apart with exact 0/1 gates.)"""
-    gated = GatedBert(make_bert(seed=seed, init=0.5), MAX_LENGTH).eval()
+    gated = gated_bert(make_bert(seed=seed, init=0.5), MAX_LENGTH).eval()
     with torch.no_grad():
-        gated.gates.raw[0, 1] = 0.0  # layer 0 drops its most-attended token; every other gate is 1
+        gated.method.gates.raw[0, 1] = 0.0  # layer 0 drops its most-attended token; every other gate is 1
     input_ids, attention_mask = make_batch(lengths=(12,), seed=3)
     with torch.no_grad():
         soft = gated(input_ids, attention_mask, hard=False)
@@ -210,7 +206,7 @@ def _widths_entering(gated, *args, **kwargs):
 @pytest.mark.parametrize("score", SCORES)
 def test_gathered_hidden_states_are_shorter(score, gate_layers):
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=5), MAX_LENGTH, score=score, gate_layers=gate_layers).eval()
+    gated = gated_bert(make_bert(seed=5), MAX_LENGTH, score=score, layers=gate_layers).eval()
     close_ranks_from(gated, [7, 4, 2] if gate_layers is None else [4])
     input_ids, attention_mask = make_batch(seed=5)  # padded to the longest, 12
     out, attention, ffn = _widths_entering(gated, input_ids, attention_mask, hard=True)
@@ -235,7 +231,7 @@ def test_hard_mode_drops_pure_padding_before_layer_0():
 
     (Fails at the time of writing: layer 0 runs on the full padded width, 16 here, not 12.)"""
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=5), MAX_LENGTH).eval()
+    gated = gated_bert(make_bert(seed=5), MAX_LENGTH).eval()
     close_ranks_from(gated, [7, 4, 2])
     input_ids, attention_mask = make_batch(seed=5, width=MAX_LENGTH)
     out, attention, ffn = _widths_entering(gated, input_ids, attention_mask, hard=True)
@@ -251,9 +247,9 @@ def test_hard_mode_drops_pure_padding_before_layer_0():
 @pytest.mark.parametrize("score", SCORES)
 def test_cls_survives_all_gates_closed(score, hard):
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=6), MAX_LENGTH, score=score).eval()
+    gated = gated_bert(make_bert(seed=6), MAX_LENGTH, score=score).eval()
     with torch.no_grad():
-        gated.gates.raw.zero_()
+        gated.method.gates.raw.zero_()
     input_ids, attention_mask = make_batch(seed=6)
     with torch.no_grad():
         out = gated(input_ids, attention_mask, hard=hard)
@@ -269,9 +265,9 @@ def test_pads_never_kept_and_counts_never_grow(score, hard):
     input_ids, attention_mask = make_batch(seed=7, width=15)
     for seed in range(3):
         torch.manual_seed(seed)
-        gated = GatedBert(make_bert(seed=seed), MAX_LENGTH, score=score).eval()
+        gated = gated_bert(make_bert(seed=seed), MAX_LENGTH, score=score).eval()
         with torch.no_grad():  # fractional gates, about half of them below 0.5
-            gated.gates.raw.copy_(torch.rand(gated.gates.raw.shape))
+            gated.method.gates.raw.copy_(torch.rand(gated.method.gates.raw.shape))
             out = gated(input_ids, attention_mask, hard=hard)
         pads = ~attention_mask.bool()
         assert not (out.present & pads[:, None, :]).any()
@@ -287,9 +283,9 @@ def test_pads_never_kept_and_counts_never_grow(score, hard):
 @pytest.mark.parametrize("score", SCORES)
 def test_example_alone_equals_example_in_padded_batch(score, hard):
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=8), MAX_LENGTH, score=score).eval()
+    gated = gated_bert(make_bert(seed=8), MAX_LENGTH, score=score).eval()
     with torch.no_grad():  # fractional gates: soft mode scales, hard mode keeps g >= 0.5
-        gated.gates.raw.copy_(torch.rand(gated.gates.raw.shape) * 0.6 + 0.3)
+        gated.method.gates.raw.copy_(torch.rand(gated.method.gates.raw.shape) * 0.6 + 0.3)
     input_ids, attention_mask = make_batch(seed=8, width=16)
     with torch.no_grad():
         together = gated(input_ids, attention_mask, hard=hard)
@@ -386,7 +382,7 @@ def _rel(a, b) -> float:
 ])
 def test_analytic_flops_match_counter(score, gate_layers, schedules):
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=9), MAX_LENGTH, gate_layers=gate_layers, score=score).eval()
+    gated = gated_bert(make_bert(seed=9), MAX_LENGTH, layers=gate_layers, score=score).eval()
     input_ids, attention_mask = make_batch(lengths=(13,), seed=9)
     layers = list(range(LAYERS)) if gate_layers is None else gate_layers
     for ks in schedules:
@@ -400,7 +396,7 @@ def test_analytic_flops_match_counter(score, gate_layers, schedules):
                 current = min(current, ks[layers.index(index)])
             expected.append(current)
         assert out.kept[0].tolist() == expected
-        analytic = flops_per_example(out.num_tokens, out.kept, HIDDEN, INTERMEDIATE, LABELS)
+        analytic = flops_per_example(out.num_tokens, out.kept, DIMS)
         counted = count_matmul_flops(gated, input_ids, attention_mask, hard=True)
         assert _rel(analytic[0], counted) <= 0.01, f"schedule {ks}: analytic {float(analytic[0])}, counted {counted}"
 
@@ -412,17 +408,17 @@ def test_baseline_flops_match_counter_on_plain_bert(attn):
         input_ids, attention_mask = make_batch(lengths=(n,), seed=n)
         counted = count_matmul_flops(model, input_ids=input_ids, attention_mask=attention_mask)
         num_tokens = attention_mask.sum(dim=1)
-        analytic = flops_per_example(num_tokens, baseline_kept(num_tokens, LAYERS), HIDDEN, INTERMEDIATE, LABELS)
+        analytic = flops_per_example(num_tokens, baseline_kept(num_tokens, LAYERS), DIMS)
         assert _rel(analytic[0], counted) <= 0.01
     # pruning is cheaper than the baseline, per example
-    pruned = flops_per_example(num_tokens, torch.tensor([[5, 3, 1]]), HIDDEN, INTERMEDIATE, LABELS)
+    pruned = flops_per_example(num_tokens, torch.tensor([[5, 3, 1]]), DIMS)
     assert pruned[0] < analytic[0]
 
 
 def test_flops_are_per_example_and_follow_the_formula():
     num_tokens = torch.tensor([10, 4])
     kept = torch.tensor([[6, 3], [4, 4]])
-    got = flops_per_example(num_tokens, kept, hidden=8, intermediate=32, num_labels=2)
+    got = flops_per_example(num_tokens, kept, EncoderDims(hidden=8, intermediate=32, num_layers=2, head_macs=8 * 8 + 8 * 2))
     D, I, C = 8, 32, 2
 
     def macs(n, ks):
@@ -443,13 +439,13 @@ def test_flops_are_per_example_and_follow_the_formula():
 @pytest.mark.parametrize("score", SCORES)
 def test_task_loss_alone_reaches_the_gates(score, parametrization, raw):
     torch.manual_seed(0)
-    gated = GatedBert(make_bert(seed=11), MAX_LENGTH, score=score, parametrization=parametrization).eval()
+    gated = gated_bert(make_bert(seed=11), MAX_LENGTH, score=score, parametrization=parametrization).eval()
     with torch.no_grad():
-        gated.gates.raw.fill_(raw)  # g = 0.7: open, and away from the clip boundaries
+        gated.method.gates.raw.fill_(raw)  # g = 0.7: open, and away from the clip boundaries
     input_ids, attention_mask = make_batch(seed=11)
     out = gated(input_ids, attention_mask, hard=False)
     F.cross_entropy(out.logits, torch.tensor([0, 1, 2, 0])).backward()  # task loss only: lam = mu = 0
-    grad = gated.gates.raw.grad
+    grad = gated.method.gates.raw.grad
     assert grad is not None
     longest = max(LENGTHS)
     assert (grad[0, 1:longest] != 0).any(), "layer 0's gates get no task gradient"
@@ -538,8 +534,8 @@ def test_monotone_gates_are_a_cumulative_minimum():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(gate_layers=[0, 3]), r"\[3\]"),
-    (dict(gate_layers=[-1]), r"\[-1\]"),
+    (dict(layers=[0, 3]), r"\[3\]"),
+    (dict(layers=[-1]), r"\[-1\]"),
     (dict(score="attention_given"), "attention_given"),
     (dict(parametrization="tanh"), "tanh"),
     (dict(max_length=POSITIONS + 1), str(POSITIONS + 1)),
@@ -547,11 +543,11 @@ def test_monotone_gates_are_a_cumulative_minimum():
 def test_bad_constructor_arguments_raise(kwargs, message):
     kwargs = {"max_length": MAX_LENGTH, **kwargs}
     with pytest.raises(ValueError, match=message):
-        GatedBert(make_bert(seed=12), **kwargs)
+        gated_bert(make_bert(seed=12), **kwargs)
 
 
 def test_input_longer_than_max_length_raises():
-    gated = GatedBert(make_bert(seed=13), max_length=8)
+    gated = gated_bert(make_bert(seed=13), max_length=8)
     input_ids, attention_mask = make_batch(lengths=(9, 4), seed=13)
     with pytest.raises(ValueError, match="9"):
         gated(input_ids, attention_mask)
@@ -562,16 +558,16 @@ def test_input_longer_than_max_length_raises():
 def test_hard_mode_skips_scoring_where_every_present_token_is_kept(monkeypatch):
     # Scoring forces eager attention and a sort; a layer that keeps everything must not pay it,
     # or hard mode with nothing pruned is slower than plain BERT (dynbert bench's full row).
-    import dynbert.core as core
+    import dynbert.methods.gates as gates_module
 
-    gated = GatedBert(make_bert(), max_length=POSITIONS).eval()
+    gated = gated_bert(make_bert(), max_length=POSITIONS).eval()
     ids, mask = make_batch()
     ranked = []
-    real_rank = core._rank_tokens
-    monkeypatch.setattr(core, "_rank_tokens", lambda *args: ranked.append(1) or real_rank(*args))
+    real_rank = gates_module.rank_tokens
+    monkeypatch.setattr(gates_module, "rank_tokens", lambda *args: ranked.append(1) or real_rank(*args))
     with torch.no_grad():
         gated(ids, mask, hard=True)
         assert ranked == []
-        gated.gates.raw[1, max(LENGTHS) - 1:] = 0.0  # closes a rank only the longest input reaches
+        gated.method.gates.raw[1, max(LENGTHS) - 1:] = 0.0  # closes a rank only the longest input reaches
         out = gated(ids, mask, hard=True)
     assert len(ranked) == 1 and out.kept[0, 1] == max(LENGTHS) - 1

@@ -81,7 +81,7 @@ def make_inputs(root):
 # (id, command after `dynbert`, a text the message must hold: the offending value). {root}: the inputs.
 BAD_INPUTS = [
     ("unknown task", [*TRAIN, "task=glue"], "task/glue"),
-    ("unknown group option", [*TRAIN, "gate=foo"], "gate/foo"),
+    ("unknown group option", [*TRAIN, "method=foo"], "method/foo"),
     ("misspelled key", [*TRAIN, "lamda=0.3"], "'lamda'"),
     ("negative lambda", [*TRAIN, "lambda=-1"], "lambda=-1"),
     ("text lambda", [*TRAIN, "lambda=abc"], "lambda=abc"),
@@ -97,7 +97,7 @@ BAD_INPUTS = [
     ("max_length 0", [*TRAIN, "task.max_length=0"], "task.max_length=0"),
     ("max_length past positions", [*TRAIN, "model.name_or_path={root}/bert64", "task.max_length=128"],
      "task.max_length=128 exceeds the model's 64 positions"),
-    ("gate layer out of range", [*TRAIN, "gate.layers=[7]"], "gate.layers=[7]"),
+    ("pruned layer out of range", [*TRAIN, "method.layers=[7]"], "method.layers=[7]"),
     ("report on empty folder", ["report", "{root}/empty"], "{root}/empty"),
     ("report on corrupt metrics", ["report", "{root}/corrupt_run"], "corrupt_run/metrics.json"),
     ("bench a run without weights", ["bench", "--run", "{root}/unfinished_run", "--out", "{root}/bench"],
@@ -116,8 +116,8 @@ BAD_INPUTS = [
     ("gpt2 checkpoint", [*TRAIN, "model.name_or_path={root}/gpt2"], "is a 'gpt2' model"),
     ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load a BERT model from {root}/truncated"),
     # Settings that would train nothing, or fail after the work.
-    ("empty gate layers", [*TRAIN, "gate.layers=[]"], "gate.layers=[] is not valid"),
-    ("gates that never start", [*TRAIN, "gate.start=1.5"], "gate.start=1.5 is not valid"),
+    ("empty method layers", [*TRAIN, "method.layers=[]"], "method.layers=[] is not valid"),
+    ("gates that never start", [*TRAIN, "method.start=1.5"], "method.start=1.5 is not valid"),
     ("negative threads", [*TRAIN, "train.num_threads=-1"], "train.num_threads=-1 is not valid"),
     ("seed past 2^63", [*TRAIN, "seed=9223372036854775809"], "seed=9223372036854775809 is not valid"),
     ("one eval example", [*RTE, "task=stsb", "task.data_dir={root}/rte", "train.max_eval_samples=1"],
@@ -154,11 +154,11 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(tmp_path, args, expect
 
 
 def test_a_run_that_failed_before_training_does_not_block_the_corrected_command(tmp_path):
-    failed = invoke(*TRAIN, "gate.layers=[7]", f"output_dir={tmp_path}")
+    failed = invoke(*TRAIN, "method.layers=[7]", f"output_dir={tmp_path}")
     assert failed.exit_code == 2 and (tmp_path / "config.yaml").is_file()
-    fixed = invoke(*TRAIN, "gate.layers=[1]", f"output_dir={tmp_path}")
+    fixed = invoke(*TRAIN, "method.layers=[1]", f"output_dir={tmp_path}")
     assert fixed.exit_code == 0, fixed.output
-    assert OmegaConf.load(tmp_path / "config.yaml").gate.layers == [1]
+    assert OmegaConf.load(tmp_path / "config.yaml").method.layers == [1]
 
 
 @pytest.mark.parametrize("flags, env", [(["--debug"], {}), ([], {"DYNBERT_DEBUG": "1"})], ids=["--debug", "env"])
@@ -175,7 +175,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, flags, env):
 # Run folder faults
 
 # Gates that move within a few steps, so a resumed run differing from an uninterrupted one shows.
-MOVING_GATES = ["lambda=1", "gate.start=0", "gate.bimodal_weight=0", "gate.lr=0.1"]
+MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
@@ -196,7 +196,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     first, again = read_json(tmp_path / "whole" / "metrics.json"), read_json(tmp_path / "killed" / "metrics.json")
     assert comparable(first) == comparable(again)
     assert first["flops_ratio"] < 1
-    for name in ("model.safetensors", "gates.safetensors"):
+    for name in ("model.safetensors", "method.safetensors"):
         a, b = (load_file(tmp_path / run / "model" / name) for run in ("whole", "killed"))
         assert all(torch.equal(a[key], b[key]) for key in a), name
     assert not checkpoint.exists() and not (tmp_path / "killed" / ".dynbert-lock").exists()

@@ -38,9 +38,9 @@ def write_run(root: Path, rel: str, **fields) -> Path:
 def make_sweep(root: Path) -> None:
     """Two tasks, several λ, 1-3 seeds, and an sst2 baseline, at the depth a sweep writes them."""
     for seed, score in enumerate([0.90, 0.92, 0.94]):
-        write_run(root, f"sst2/gated-lambda0-seed{seed}", seed=seed, score=score)
+        write_run(root, f"sst2/gates-lambda0-seed{seed}", seed=seed, score=score)
     for seed, (score, ratio, kept) in enumerate([(0.85, 0.5, [1.0, 0.5, 0.2]), (0.89, 0.3, [1.0, 0.4, 0.1])]):
-        write_run(root, f"sst2/gated-lambda0.1-seed{seed}", seed=seed, score=score, flops_ratio=ratio,
+        write_run(root, f"sst2/gates-lambda0.1-seed{seed}", seed=seed, score=score, flops_ratio=ratio,
                   flops_per_example=ratio * 2.0e9, kept_per_layer=kept, **{"lambda": 0.1})
     # The baseline's λ is meaningless: different values must still land in one row.
     write_run(root, "sst2/none-lambda0-seed0", baseline=True, seed=0, score=0.93)
@@ -48,7 +48,7 @@ def make_sweep(root: Path) -> None:
     # synthetic: no λ=0 run; cue_kept present in one run, null in one, absent in one.
     for seed, (score, cue) in enumerate([(1.0, 0.8), (0.9, None), (0.8, "absent")]):
         extra = {} if cue == "absent" else {"cue_kept": cue}
-        write_run(root, f"synthetic/gated-lambda0.2-seed{seed}", task="synthetic", seed=seed, score=score,
+        write_run(root, f"synthetic/gates-lambda0.2-seed{seed}", task="synthetic", seed=seed, score=score,
                   flops_ratio=0.25, flops_per_example=5.0e5, baseline_flops_per_example=2.0e6,
                   kept_per_layer=[1.0, 0.3], **{"lambda": 0.2}, **extra)
 
@@ -125,7 +125,7 @@ def test_pareto_front_ties_and_dominated_points():
 def test_write_report_files(tmp_path):
     sweep, out = tmp_path / "sweep", tmp_path / "report"
     make_sweep(sweep)
-    (sweep / "sst2" / "gated-lambda0.3-seed0").mkdir()  # unfinished: no metrics.json, no warning
+    (sweep / "sst2" / "gates-lambda0.3-seed0").mkdir()  # unfinished: no metrics.json, no warning
     console = quiet()
     paths = write_report(sweep, out=out, console=console)
     assert paths == [out / "report.md", out / "results.csv", out / "tradeoff.png", out / "tradeoff.svg"]
@@ -136,10 +136,10 @@ def test_write_report_files(tmp_path):
         table = list(csv.DictReader(handle))
     assert len(table) == 10  # one row per run, not per λ
     assert {"metrics.accuracy", "metrics.loss", "kept_per_layer.0", "kept_per_layer.2", "cue_kept"} <= set(table[0])
-    (run,) = [r for r in table if r["run_dir"] == "sst2/gated-lambda0.1-seed1"]
+    (run,) = [r for r in table if r["run_dir"] == "sst2/gates-lambda0.1-seed1"]
     assert float(run["score"]) == pytest.approx(0.89) and float(run["kept_per_layer.2"]) == pytest.approx(0.1)
     assert run["lambda"] == "0.1" and run["cue_kept"] == ""
-    (syn,) = [r for r in table if r["run_dir"] == "synthetic/gated-lambda0.2-seed0"]
+    (syn,) = [r for r in table if r["run_dir"] == "synthetic/gates-lambda0.2-seed0"]
     assert syn["kept_per_layer.2"] == "" and float(syn["cue_kept"]) == pytest.approx(0.8)
 
     md = (out / "report.md").read_text()

@@ -30,7 +30,7 @@ def summary(stderr: str) -> str:
 def test_sweep_runs_the_grid_and_baseline_then_resumes(tmp_path):
     folder = tmp_path / "sweep"
     args = [*SWEEP, "lambda=0,0.1,0.3", f"output_dir={folder}"]
-    runs = {"gated-lambda0-seed0", "gated-lambda0.1-seed0", "gated-lambda0.3-seed0", "none-lambda0-seed0"}
+    runs = {"gates-lambda0-seed0", "gates-lambda0.1-seed0", "gates-lambda0.3-seed0", "none-lambda0-seed0"}
 
     # First with the joblib launcher, two runs at a time; then Hydra's basic one. The launcher is
     # not part of a run's config: the second launcher finds the first one's runs complete.
@@ -62,8 +62,8 @@ def test_sweep_runs_the_grid_and_baseline_then_resumes(tmp_path):
 
     # One run lost its metrics: only it runs again. An earlier one in the grid holds a corrupt
     # checkpoint: it fails, the next still runs, and the sweep exits non-zero.
-    (folder / "synthetic" / "gated-lambda0.1-seed0" / "metrics.json").unlink()
-    broken = folder / "synthetic" / "gated-lambda0-seed0"
+    (folder / "synthetic" / "gates-lambda0.1-seed0" / "metrics.json").unlink()
+    broken = folder / "synthetic" / "gates-lambda0-seed0"
     (broken / "metrics.json").unlink()
     (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
     third = run_dynbert(*args)
@@ -71,10 +71,10 @@ def test_sweep_runs_the_grid_and_baseline_then_resumes(tmp_path):
     assert third.stdout.splitlines()[-1] == str(folder.resolve())
     assert summary(third.stderr) == "done 1, skipped (already complete) 2, failed 1"
     now = statuses(folder)
-    assert now["gated-lambda0.1-seed0"]["status"] == "done"
-    assert (folder / "synthetic" / "gated-lambda0.1-seed0" / "metrics.json").is_file()
-    assert now["gated-lambda0-seed0"]["status"] == "failed"
-    assert "checkpoint.pt is not a usable checkpoint" in now["gated-lambda0-seed0"]["error"]
+    assert now["gates-lambda0.1-seed0"]["status"] == "done"
+    assert (folder / "synthetic" / "gates-lambda0.1-seed0" / "metrics.json").is_file()
+    assert now["gates-lambda0-seed0"]["status"] == "failed"
+    assert "checkpoint.pt is not a usable checkpoint" in now["gates-lambda0-seed0"]["error"]
     assert "Traceback" not in third.stderr
 
 
@@ -95,16 +95,16 @@ def test_a_bad_value_anywhere_in_the_grid_fails_before_any_run(tmp_path):
 
 
 def test_every_swept_key_gets_its_own_run_folder(tmp_path):
-    """A key the run name does not hold (gate.score) is appended; values that are paths are
+    """A key the run name does not hold (method.score) is appended; values that are paths are
     made folder-safe. Before, both jobs shared one folder and the second was 'already complete'."""
-    result = run_dynbert(*SWEEP, "lambda=0.1", "sweep.baseline=false", "gate.score=attention_received,cls_attention",
+    result = run_dynbert(*SWEEP, "lambda=0.1", "sweep.baseline=false", "method.score=attention_received,cls_attention",
                          f"output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert summary(result.stderr) == "done 2, skipped (already complete) 0, failed 0"
     folders = sorted(path.parent.name for path in tmp_path.glob("synthetic/*/metrics.json"))
-    assert folders == ["gated-lambda0.1-seed0-gate.score=attention_received",
-                       "gated-lambda0.1-seed0-gate.score=cls_attention"]
-    assert {read_json(tmp_path / "synthetic" / name / "metrics.json")["gate_score"] for name in folders} == {
+    assert folders == ["gates-lambda0.1-seed0-method.score=attention_received",
+                       "gates-lambda0.1-seed0-method.score=cls_attention"]
+    assert {read_json(tmp_path / "synthetic" / name / "metrics.json")["score_name"] for name in folders} == {
         "attention_received", "cls_attention"}
 
 
@@ -113,12 +113,12 @@ def test_run_folder_names_stay_folder_safe_and_distinct():
 
     from dynbert.sweep import run_folder
 
-    cfg = OmegaConf.create({"task": {"name": "rte"}, "run_name": "gated-lambda0.1-seed0",
+    cfg = OmegaConf.create({"task": {"name": "rte"}, "run_name": "gates-lambda0.1-seed0",
                             "sweep": {"swept_keys": ["lambda", "model.name_or_path", "train.lr"]}})
     names = {run_folder(Path("/s"), cfg, [f"model.name_or_path={path}", "train.lr=1e-4", "lambda=0.1"]).name
              for path in ("/models/a/bert", "/models/b/bert", "models_a_bert")}
     assert len(names) == 3
-    assert all("/" not in name and name.startswith("gated-lambda0.1-seed0-model.name_or_path=") for name in names)
+    assert all("/" not in name and name.startswith("gates-lambda0.1-seed0-model.name_or_path=") for name in names)
     assert all(name.endswith("-train.lr=1e-4") for name in names)
 
 
@@ -130,7 +130,7 @@ def test_sigterm_stops_every_job_of_the_sweep_each_checkpointed(tmp_path):
             "train.checkpoint_every=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"output_dir={tmp_path}"]
     sweep = subprocess.Popen(dynbert_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "DYNBERT_TEST_MARK": mark})
-    checkpoints = [tmp_path / "synthetic" / f"gated-lambda{lam}-seed0" / "checkpoint.pt" for lam in ("0.1", "0.3")]
+    checkpoints = [tmp_path / "synthetic" / f"gates-lambda{lam}-seed0" / "checkpoint.pt" for lam in ("0.1", "0.3")]
     deadline = time.monotonic() + 120
     while not all(path.exists() for path in checkpoints) and sweep.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -25,7 +25,7 @@ TASK_METRICS = {
     "mnli": {"accuracy", "accuracy_mm"},
     **{task: {"accuracy"} for task in ("sst2", "qnli", "rte", "wnli", "synthetic")},
 }
-MODEL_FILES = {"config.json", "model.safetensors", "gates.safetensors", "tokenizer.json", "tokenizer_config.json"}
+MODEL_FILES = {"config.json", "model.safetensors", "method.safetensors", "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.mark.parametrize("task", [*GLUE_TASKS, "synthetic"])
@@ -52,7 +52,7 @@ def test_train_writes_the_run_folder(tmp_path, task):
     assert OmegaConf.load(run_dir / "config.yaml").task.name == task
     assert not (run_dir / "checkpoint.pt").exists()  # removed once the run is complete
     # The saved model loads back with the run's gates, hardened to exactly 0/1.
-    gates = load_run(run_dir).gates()
+    gates = load_run(run_dir).method.gates()
     assert torch.all((gates == 0) | (gates == 1))
 
 
@@ -67,7 +67,7 @@ def test_train_seconds_is_the_training_loops_time(tmp_path):
 
 
 # Gates that move within a few steps: the comparisons below then cover them too.
-MOVING_GATES = ["lambda=1", "gate.start=0", "gate.bimodal_weight=0", "gate.lr=0.1"]
+MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 
 
 def test_same_command_twice_gives_the_same_run(tmp_path):
@@ -82,7 +82,7 @@ def test_same_command_twice_gives_the_same_run(tmp_path):
     first, second = (read_json(tmp_path / name / "metrics.json") for name in "ab")
     assert comparable(first) == comparable(second)
     assert first["flops_ratio"] < 1  # the gates did close: a real comparison, not two untouched models
-    for name in ("model.safetensors", "gates.safetensors"):
+    for name in ("model.safetensors", "method.safetensors"):
         a, b = (load_file(tmp_path / run / "model" / name) for run in "ab")
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
 

@@ -1,0 +1,175 @@
+"""The paper's method: trainable gates per (layer, rank) and the bi-modal regularizer.
+
+Jeong & Kwak, arXiv 2102.09727 (METHOD.md §1-3). In each gated layer the tokens are ranked by
+their score (CLS first) and the token at rank j is weighted by gate g[l, j] in [0, 1]. The loss adds
+
+    λ · Σ_l w_l · S_l  +  μ · Σ_l mean_j g_lj (1 − g_lj)
+
+where S_l is the sparsity measure (``ranks``: the mean gate over all ranks, PoWER-BERT's L1;
+``tokens``: the expected fraction of each input's tokens kept after layer l, so a gate counts as
+often as it is used), w_l = l/L or 1, and μ follows the bi-modal schedule. Hard mode keeps the
+ranks whose gate is >= 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner, rank_tokens
+
+PARAMETRIZATIONS = ("clip", "sigmoid")
+LAYER_WEIGHTINGS = ("linear", "none")
+SPARSITY_TARGETS = ("ranks", "tokens")
+BIMODAL_SCHEDULES = ("hold", "constant")
+_SIGMOID_INIT = 3.0
+
+
+class TokenGates(nn.Module):
+    """One trainable gate per (gated layer, rank); rank 0 is CLS, whose gate is fixed at 1."""
+
+    def __init__(self, num_gated_layers: int, max_length: int, parametrization: str = "clip",
+                 monotone: bool = False):
+        super().__init__()
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"unknown gate parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}")
+        self.parametrization = parametrization
+        self.monotone = monotone
+        init = 1.0 if parametrization == "clip" else _SIGMOID_INIT
+        self.raw = nn.Parameter(torch.full((num_gated_layers, max_length), init))
+
+    def forward(self) -> torch.Tensor:
+        """Gate values in [0, 1], shape (gated layers, max_length)."""
+        gates = self.raw.clamp(0.0, 1.0) if self.parametrization == "clip" else torch.sigmoid(self.raw)
+        gates = torch.cat([torch.ones_like(gates[:, :1]), gates[:, 1:]], dim=1)
+        if self.monotone:
+            gates = torch.cummin(gates, dim=1).values
+        return gates
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Clamp clip gates back into [0, 1] after an optimizer step (projected gradient).
+
+        Clamping only in the forward pass would let raw values leave [0, 1] and lose their gradient.
+        """
+        if self.parametrization == "clip":
+            self.raw.clamp_(0.0, 1.0)
+
+    @torch.no_grad()
+    def harden_(self) -> None:
+        """Make every gate exactly 0 or 1 (g >= 0.5 opens), so soft mode equals hard mode."""
+        is_open = self().ge(0.5)
+        if self.parametrization == "clip":
+            self.raw.copy_(is_open.float())
+        else:
+            self.raw.copy_(torch.where(is_open, math.inf, -math.inf))
+
+
+def layer_weights(gate_layers: list[int], num_layers: int, weighting: str = "linear") -> torch.Tensor:
+    """w_l = l / L (1-based), so deeper layers pay more for each kept token; or all 1."""
+    if weighting not in LAYER_WEIGHTINGS:
+        raise ValueError(f"unknown layer weighting {weighting!r}; expected one of {LAYER_WEIGHTINGS}")
+    if weighting == "none":
+        return torch.ones(len(gate_layers))
+    return torch.tensor([(layer + 1) / num_layers for layer in gate_layers])
+
+
+def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu: float,
+                     kept_soft: torch.Tensor | None = None) -> RegularizerParts:
+    """Sparsity (L1, weighted by depth) plus the bi-modal term g(1 - g) on every gate but CLS's.
+
+    Without ``kept_soft`` (``sparsity: ranks``, PoWER-BERT's L1) the sparsity is the mean gate
+    value over all ranks, so ranks that short inputs never reach count as much as the ones they
+    use. With ``kept_soft`` (``tokens``) it is the batch's mean expected kept fraction after each
+    gated layer: only real tokens count, a gate counts as often as it is used, and closing a token
+    early also lowers every later layer's term, as it lowers their FLOPs.
+    """
+    free = gates[:, 1:]
+    kept = free.mean(dim=1) if kept_soft is None else kept_soft.mean(dim=0)
+    sparsity = lam * (weights.to(kept) * kept).sum()
+    bimodal = mu * (free * (1.0 - free)).mean(dim=1).sum()
+    return RegularizerParts(sparsity=sparsity, bimodal=bimodal)
+
+
+def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold") -> float:
+    """μ at a point of the gates' training (progress in [0, 1]).
+
+    ``hold``: 0 for the first 20%, a linear ramp to scale·λ by 50%, then held. A constant
+    μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal gradient pushes up).
+    """
+    if schedule not in BIMODAL_SCHEDULES:
+        raise ValueError(f"unknown bimodal schedule {schedule!r}; expected one of {BIMODAL_SCHEDULES}")
+    top = scale * lam
+    if schedule == "constant":
+        return top
+    return top * min(max((progress - 0.2) / 0.3, 0.0), 1.0)
+
+
+def phase_progress(step: int, total_steps: int, start: float) -> float:
+    """How far a phase that begins at fraction ``start`` of training is, in [0, 1]."""
+    begin = start * total_steps
+    return min(max((step - begin) / max(1.0, total_steps - begin), 0.0), 1.0)
+
+
+def starts_at(start: float):
+    """An lr schedule: 0 until fraction ``start`` of training, then constant."""
+    def schedule(step: int, total_steps: int) -> float:
+        return 1.0 if step >= start * total_steps else 0.0
+    return schedule
+
+
+class Gates(TokenPruner):
+    """Trainable gates per rank, the bi-modal regularizer, hard mode keeps g >= 0.5 (the paper)."""
+
+    name = "gates"
+    never_pruned_advice = ("the gates never closed: train longer (train.epochs), raise lambda or method.lr, "
+                           "or let the gates start earlier (method.start)")
+    undecided_advice = "train longer (train.epochs), or raise method.bimodal_weight"
+
+    def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
+                 parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
+                 sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
+                 lr: float = 1e-2, start: float = 0.5):
+        super().__init__(layers, max_length)
+        if sparsity not in SPARSITY_TARGETS:
+            raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
+        self.score = score
+        self.gates = TokenGates(len(layers), max_length, parametrization, monotone)
+        self.register_buffer("weights", layer_weights(layers, num_layers, layer_weighting), persistent=False)
+        self.sparsity, self.scale, self.schedule = sparsity, bimodal_weight, bimodal_schedule
+        self.lr, self.start = lr, start
+
+    def prepare(self, hard: bool):
+        gates = self.gates()
+        return gates, (_leading_open(gates) if hard else None)
+
+    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+        gates, _ = values
+        rank = rank_tokens(tokens.score, tokens.alive)
+        return gates[row].gather(0, rank.flatten()).view_as(rank)
+
+    def keeps_all(self, values, row: int, length: int) -> bool:
+        return values[1][row] >= length
+
+    def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts:
+        mu = bimodal_weight(phase_progress(step, total_steps, self.start), lam, self.scale, self.schedule)
+        kept_soft = out.kept_soft if self.sparsity == "tokens" else None
+        return gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
+
+    def param_groups(self) -> list[dict]:
+        return [dict(params=[self.gates.raw], lr=self.lr, weight_decay=0.0, schedule=starts_at(self.start))]
+
+    def after_step(self) -> None:
+        self.gates.project_()
+
+    def harden_(self) -> None:
+        self.gates.harden_()
+
+
+@torch.no_grad()
+def _leading_open(gates: torch.Tensor) -> list[int]:
+    """Per gated layer, how many ranks from the first are open (g >= 0.5) before one is closed."""
+    closed = gates < 0.5
+    return torch.where(closed.any(dim=1), closed.int().argmax(dim=1), gates.size(1)).tolist()
