@@ -163,7 +163,7 @@ def make_gated_model(model, method_cfg, max_length: int) -> GatedModel:
                            f"pass task.max_length={positions} or less")
     try:
         adapter = adapter_for(model)
-        method = build_method(method_cfg, adapter.dims.num_layers, max_length)
+        method = build_method(method_cfg, adapter.dims.num_layers, max_length, adapter.num_heads)
         return GatedModel(model, method, mask_attention=method_cfg.mask_attention, encoder=adapter)
     except ValueError as error:
         raise DynbertError(f"bad method or model setting: {error}") from error

@@ -76,6 +76,10 @@ class EncoderAdapter:
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
     def no_decay(self, name: str) -> bool:
         return name.endswith(self.no_decay_names)
 

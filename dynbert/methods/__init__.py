@@ -21,8 +21,11 @@ class NoPruning(TokenPruner):
         raise AssertionError("the baseline prunes no layer")
 
 
-def build_method(cfg: DictConfig, num_layers: int, max_length: int) -> TokenPruner:
-    """The method the config asks for, pruning ``cfg.layers`` (null: every layer) of the model."""
+def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: int) -> TokenPruner:
+    """The method the config asks for, pruning ``cfg.layers`` (null: every layer) of the model.
+
+    ``num_heads``: the encoder's attention heads (a method may average its score over them).
+    """
     layers = list(range(num_layers)) if cfg.get("layers") is None else sorted(set(cfg.layers))
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
