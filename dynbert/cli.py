@@ -102,8 +102,11 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_
     from .train import train as run_training
 
     metrics = run_training(config, console=stderr)
-    _print_run_summary(metrics)
-    typer.echo(Path(config.output_dir).expanduser().resolve())
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # several processes (torchrun, accelerate launch) report once
+        _print_run_summary(metrics)
+        typer.echo(Path(config.output_dir).expanduser().resolve())
 
 
 def _print_run_summary(metrics: dict) -> None:

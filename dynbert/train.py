@@ -63,7 +63,7 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
 
 def make_accelerator(tcfg: DictConfig):
     """Accelerate for ``train.device`` and ``train.precision``, or one sentence on why not."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     device, precision = tcfg.device, tcfg.precision
@@ -78,7 +78,10 @@ def make_accelerator(tcfg: DictConfig):
     # Accelerate keeps one precision per process; a process that trains several runs (tests, a
     # sequential sweep) starts each from a clean slate. The distributed state is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision])
+    # With several processes, DDP must know that a method's parameters can leave the graph (a
+    # stage that freezes them, a layer that keeps every token); one process ignores this.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision], kwargs_handlers=[unused])
 
 
 def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 import time
 
 import pytest
@@ -114,3 +115,18 @@ def test_every_experiment_config_runs_a_few_steps(tmp_path):
         result = invoke("train", f"experiment={name}", *FAST, *SYNTHETIC, f"output_dir={tmp_path / name}")
         assert result.exit_code == 0, result.output
         assert read_json(tmp_path / name / "metrics.json")["steps"] == 4
+
+
+def test_two_processes_train_one_run_folder_written_once(tmp_path):
+    """`torchrun --nproc_per_node 2` (what `accelerate launch` does on several GPUs): DDP over gloo
+    on this CPU. Each step's batch is split across the processes; only the main one writes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dynbert.cli", "train", *FAST, *SYNTHETIC, "train.device=cpu", f"output_dir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(tmp_path.resolve())]  # one summary, one folder line
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["steps"] == 4 and CONTRACT_KEYS <= set(metrics)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".dynbert-run", "config.yaml", "metrics.json",
+                                                               "model", "train.log"]
+    assert (tmp_path / "train.log").read_text().count("done:") == 1
