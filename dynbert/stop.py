@@ -3,7 +3,8 @@
 A signal raises ``Interrupted`` (a KeyboardInterrupt), so the training loop saves a checkpoint
 and every ``with`` block (the run folder's lock) unwinds. Processes that run several jobs (the
 sweep's) *defer* signals between jobs: the signal is only recorded, the running job still stops
-at its next step, and the jobs not yet started see ``requested()`` and do not start.
+at its next step, and the jobs not yet started see ``requested()`` and do not start. Every signal
+is recorded, so a job stopped mid-training also keeps the next one from starting.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ _deferring = 0
 
 def _handle(signum, frame):  # noqa: ARG001 - the signal module's signature
     global _requested
+    _requested = signum  # recorded either way: the jobs after this one in the process must not start
     if not _deferring:
         raise Interrupted(signum)
-    _requested = signum
 
 
 def install() -> None:
@@ -48,7 +49,7 @@ def install() -> None:
 
 
 def requested() -> int | None:
-    """The stop signal recorded while deferring, if any (it stays: later jobs must not start)."""
+    """The stop signal this process received, if any (it stays: later jobs must not start)."""
     return _requested
 
 

@@ -125,22 +125,29 @@ def test_run_folder_names_stay_folder_safe_and_distinct():
 def test_sigterm_stops_every_job_of_the_sweep_each_checkpointed(tmp_path):
     """SLURM, `timeout` and `docker stop` send SIGTERM: no job may go on training in the background."""
     mark = f"dynbert-test-{uuid.uuid4().hex}"  # every process of this sweep inherits it
-    # Runs that cannot finish on their own: the stop must come from the signal.
-    args = [*SWEEP, "lambda=0.1,0.3", "sweep.baseline=false", "train.max_steps=1000000", "train.epochs=100000",
+    # Runs that cannot finish on their own: the stop must come from the signal. Two run, the third
+    # waits for a worker: it must never start.
+    args = [*SWEEP, "lambda=0.1,0.3,1", "sweep.baseline=false", "train.max_steps=1000000", "train.epochs=100000",
             "train.checkpoint_every=1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"output_dir={tmp_path}"]
     sweep = subprocess.Popen(dynbert_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "DYNBERT_TEST_MARK": mark})
     checkpoints = [tmp_path / "synthetic" / f"gates-lambda{lam}-seed0" / "checkpoint.pt" for lam in ("0.1", "0.3")]
-    deadline = time.monotonic() + 120
-    while not all(path.exists() for path in checkpoints) and sweep.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sweep.poll() is None, sweep.communicate()[1]
-    sweep.send_signal(signal.SIGTERM)
-    _, stderr = sweep.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not all(path.exists() for path in checkpoints) and sweep.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sweep.poll() is None, sweep.communicate()[1]
+        sweep.send_signal(signal.SIGTERM)
+        _, stderr = sweep.communicate(timeout=120)
+    finally:  # a failing run must not leave runs training forever
+        for pid in _processes_marked(mark):
+            os.kill(pid, signal.SIGKILL)
 
     assert sweep.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "run the same command again" in stderr and "Traceback" not in stderr
-    assert summary(stderr) == "done 0, skipped (already complete) 0, failed 0, interrupted 2"
+    assert summary(stderr) == "done 0, skipped (already complete) 0, failed 0, interrupted 3"
+    assert statuses(tmp_path)["gates-lambda1-seed0"]["error"] == "not started: the sweep was stopped"
+    assert not (tmp_path / "synthetic" / "gates-lambda1-seed0" / "checkpoint.pt").exists()
     for path in checkpoints:
         assert torch.load(path, weights_only=True)["step"] >= 1
         assert not (path.parent / ".dynbert-lock").exists()
