@@ -31,6 +31,7 @@ NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.m
                 "method.lr", "method.bimodal_weight", "method.temperature", "method.threshold")
 FRACTIONS = {
     "method.start": "the fraction of training before the method's parameters move, e.g. method.start=0.5",
+    "method.harden_at": "the fraction of training where the gates are rounded and frozen, e.g. 0.8 (null: never)",
     "method.retrain_at": "the fraction of training where PoWER-BERT's retraining begins, e.g. 0.65",
     "method.freeze_at": "the fraction of training where LTP freezes its thresholds, e.g. 0.5",
 }
@@ -124,13 +125,17 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.train[key]
         if value is not None and (not _is_int(value) or value < least):
             raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= {least}")
+    start, harden_at = cfg.method.get("start"), cfg.method.get("harden_at")
+    if start is not None and harden_at is not None and _is_number(harden_at) and harden_at <= start:
+        raise DynbertError(f"method.harden_at={harden_at} is not valid: the gates must move before they are "
+                           f"frozen, so pass a number above method.start={start} (or null)")
     for key in NON_NEGATIVE:
         value = OmegaConf.select(cfg, key, default=0.0)
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise DynbertError(f"{key}={value} is not valid: pass a finite number >= 0")
     for key, meaning in FRACTIONS.items():
-        value = OmegaConf.select(cfg, key, default=0.0)
-        if not _is_number(value) or not 0 <= value < 1:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and (not _is_number(value) or not 0 <= value < 1):
             raise DynbertError(f"{key}={value} is not valid: pass a number in [0, 1): it is {meaning}")
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):

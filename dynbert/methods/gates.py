@@ -107,16 +107,16 @@ def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "h
     return top * min(max((progress - 0.2) / 0.3, 0.0), 1.0)
 
 
-def phase_progress(step: int, total_steps: int, start: float) -> float:
-    """How far a phase that begins at fraction ``start`` of training is, in [0, 1]."""
-    begin = start * total_steps
-    return min(max((step - begin) / max(1.0, total_steps - begin), 0.0), 1.0)
+def phase_progress(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
+    """How far a phase from fraction ``start`` to ``end`` of training is, in [0, 1]."""
+    begin, finish = start * total_steps, end * total_steps
+    return min(max((step - begin) / max(1.0, finish - begin), 0.0), 1.0)
 
 
-def starts_at(start: float):
-    """An lr schedule: 0 until fraction ``start`` of training, then constant."""
+def active_between(start: float, end: float = 1.0):
+    """An lr schedule: 1 from fraction ``start`` of training until fraction ``end``, else 0."""
     def schedule(step: int, total_steps: int) -> float:
-        return 1.0 if step >= start * total_steps else 0.0
+        return 1.0 if start * total_steps <= step < end * total_steps else 0.0
     return schedule
 
 
@@ -131,7 +131,7 @@ class Gates(TokenPruner):
     def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
                  sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
-                 lr: float = 1e-2, start: float = 0.5):
+                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None):
         super().__init__(layers, max_length)
         if sparsity not in SPARSITY_TARGETS:
             raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
@@ -140,6 +140,9 @@ class Gates(TokenPruner):
         self.register_buffer("weights", layer_weights(layers, num_layers, layer_weighting), persistent=False)
         self.sparsity, self.scale, self.schedule = sparsity, bimodal_weight, bimodal_schedule
         self.lr, self.start = lr, start
+        # The gates' phase ends at harden_at: then they are rounded to 0/1 and frozen, and the rest
+        # of training fine-tunes the encoder on exactly the model that runs at inference.
+        self.end = 1.0 if harden_at is None else harden_at
 
     def prepare(self, hard: bool):
         gates = self.gates()
@@ -153,13 +156,24 @@ class Gates(TokenPruner):
     def keeps_all(self, values, row: int, length: int) -> bool:
         return values[1][row] >= length
 
-    def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts:
-        mu = bimodal_weight(phase_progress(step, total_steps, self.start), lam, self.scale, self.schedule)
+    def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
+        if self._hardened(step, total_steps):
+            return None  # the gates are decided and frozen: nothing left to regularize
+        progress = phase_progress(step, total_steps, self.start, self.end)
+        mu = bimodal_weight(progress, lam, self.scale, self.schedule)
         kept_soft = out.kept_soft if self.sparsity == "tokens" else None
         return gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
 
     def param_groups(self) -> list[dict]:
-        return [dict(params=[self.gates.raw], lr=self.lr, weight_decay=0.0, schedule=starts_at(self.start))]
+        schedule = active_between(self.start, self.end)
+        return [dict(params=[self.gates.raw], lr=self.lr, weight_decay=0.0, schedule=schedule)]
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        if self._hardened(step, total_steps):
+            self.gates.harden_()  # idempotent: a resumed run re-enters the hard phase as it was
+
+    def _hardened(self, step: int, total_steps: int) -> bool:
+        return self.end < 1.0 and step >= self.end * total_steps
 
     def after_step(self) -> None:
         self.gates.project_()
