@@ -119,14 +119,22 @@ def _print_run_summary(metrics: dict) -> None:
 @app.command(context_settings=ARGS, epilog=_config_epilog())
 @user_errors
 def sweep(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Comma lists and "
-                                                "range(...)/choice(...) expand into runs.", show_default=False)):
+                                                "range(...)/choice(...) expand into runs.", show_default=False),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Check every run's config and list the "
+                                       "multiruns; train nothing.")):
     """Run a λ (and task, seed, ...) sweep as a Hydra multirun; re-running resumes it.
 
     The λ grid comes from the sweep config (conf/sweep/, or experiment=demo). Launchers scale it
     out: hydra/launcher=joblib, hydra/launcher=submitit_slurm. The last line printed is the sweep folder.
     """
-    from .sweep import run_sweep
+    from .sweep import plan_sweep, run_sweep
 
+    if dry_run:
+        folder, multiruns, _ = plan_sweep(list(overrides or []))
+        for overrides_of_run in multiruns:
+            typer.echo(" ".join(overrides_of_run))
+        typer.echo(folder.resolve())
+        return
     folder, failed = run_sweep(list(overrides or []), console=stderr)
     typer.echo(folder.resolve())
     if failed:

@@ -27,7 +27,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 """Keys with a fixed set of values; a method key is checked where the method's config has it."""
-NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm",
+NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm", "train.distill_temperature",
                 "method.lr", "method.bimodal_weight", "method.temperature", "method.threshold")
 FRACTIONS = {
     "method.start": "the fraction of training before the method's parameters move, e.g. method.start=0.5",
@@ -133,6 +133,11 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=0.0)
         if not _is_number(value) or not math.isfinite(value) or value < 0:
             raise DynbertError(f"{key}={value} is not valid: pass a finite number >= 0")
+    distill = cfg.train.distill
+    if not _is_number(distill) or not 0 <= distill <= 1:
+        raise DynbertError(f"train.distill={distill} is not valid: pass the weight of distillation, a number in [0, 1]")
+    if cfg.train.distill_temperature == 0:
+        raise DynbertError("train.distill_temperature=0 is not valid: pass a number > 0, e.g. 2")
     for key, meaning in FRACTIONS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and (not _is_number(value) or not 0 <= value < 1):

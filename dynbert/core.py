@@ -224,7 +224,8 @@ class GatedModel(nn.Module):
         return self.method.layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, hard: bool = False) -> GatedOutput:
+                token_type_ids: torch.Tensor | None = None, hard: bool = False, prune: bool = True) -> GatedOutput:
+        """``prune=False``: the same weights with nothing dropped (a distillation teacher)."""
         method = self.method
         batch, length = input_ids.shape
         if length > self.max_length:
@@ -241,15 +242,16 @@ class GatedModel(nn.Module):
         if hard:  # columns that are padding in every example cost time, not FLOPs: drop them now
             hidden, real, positions = _gather_kept(hidden, real, positions)
             alive, kept_weight = real, real.to(hidden.dtype)
-        values = method.prepare(hard) if method.layers else None
+        pruning = prune and bool(method.layers)
+        values = method.prepare(hard) if pruning else None
         kept_counts, present_per_layer, kept_soft = [], [], []
         decided = decisions = None
-        if not hard and method.layers:
+        if not hard and pruning:
             decided = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
             decisions = torch.zeros_like(decided)
 
         for index, layer in enumerate(self.encoder.layers):
-            row = method.row.get(index)
+            row = method.row.get(index) if pruning else None
             if row is not None and hard and method.keeps_all(values, row, hidden.size(1)):
                 row = None
             bias = self._attention_bias(real, kept_weight, hidden.dtype)

@@ -180,6 +180,16 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> tor
     return F.cross_entropy(logits.float(), labels)
 
 
+def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, spec: TaskSpec, temperature: float) -> torch.Tensor:
+    """How far the pruned model's outputs are from the un-pruned model's (Hinton et al.: KL between
+    temperature-softened distributions, times T², so its gradients keep their scale; MSE for STS-B)."""
+    if spec.is_regression:
+        return F.mse_loss(logits.float(), teacher.float())
+    log_student = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -250,6 +260,12 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                         with accelerator.autocast():
                             out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
                         loss_task = task_loss(out.logits, batch.labels, spec)
+                        if tcfg.distill > 0:  # learn the un-pruned model's outputs too (detached)
+                            with torch.no_grad(), accelerator.autocast():
+                                teacher = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                                prune=False).logits
+                            loss_task = ((1 - tcfg.distill) * loss_task + tcfg.distill
+                                         * distillation_loss(out.logits, teacher, spec, tcfg.distill_temperature))
                         parts = method.regularizer(out, lam, state.step, total_steps)
                         loss = loss_task if parts is None else loss_task + parts.total
                         if not torch.isfinite(loss):
