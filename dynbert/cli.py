@@ -107,7 +107,11 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_
 
 
 def _print_run_summary(metrics: dict) -> None:
-    stderr.print(f"{metrics['task']} λ={metrics['lambda']:g}: {metrics['metric']} "
+    from .report import format_knob
+
+    # A run folder finished before dynbert had several methods holds gates' λ and no knob.
+    knob = format_knob(metrics.get("knob", "lambda"), metrics.get("knob_value", metrics["lambda"]))
+    stderr.print(f"{metrics['task']} {metrics.get('method', 'gates')} {knob}: {metrics['metric']} "
                  f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
                  f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
                  highlight=False, soft_wrap=True)

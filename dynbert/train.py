@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
 from . import __version__, stop
+from .config import knob_key
 from .core import GatedModel
 from .data import Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
@@ -108,6 +109,10 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
                        run_dir=str(run_dir), score_name=cfg.method.get("score"), precision=cfg.train.precision,
                        device=str(accelerator.device), model=cfg.model.name)
         metrics["lambda"] = lam
+        # What the report groups and labels runs by: the method's knob (None for the baseline).
+        knob = knob_key(cfg.method)
+        metrics["knob"] = knob
+        metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob))
         metrics["warnings"] = pruning_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -236,7 +241,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with stop.raising(), progress:
-            bar = progress.add_task(f"{spec.name} λ={lam:g}", total=total_steps, completed=state.step, stats="")
+            bar = progress.add_task(f"{spec.name} {cfg.method.name} {cfg.method.knob}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
                 method.begin_step(state.step, total_steps)
                 for micro in range(accumulate):
