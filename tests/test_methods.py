@@ -237,32 +237,34 @@ def test_random_is_repeatable_in_evaluation_and_fresh_in_training():
 # 5. PoWER-BERT: search, fix the retention, retrain
 
 
-def test_retention_is_rounded_sum_of_weights_and_never_grows():
-    method = PowerBert([0, 1, 2], max_length=16)
+def test_retention_is_the_summed_weights_truncated_and_never_grows():
+    """Their get_configuration: int(np.sum(W)), then no layer keeps more than the one before."""
+    method = PowerBert([0, 1, 2], max_length=16, start=0.3, retrain_at=0.65)
     with torch.no_grad():
         raw = method.retention_weights.raw
         raw.fill_(0.0)
-        raw[0, :10] = 0.96  # CLS's weight stays 1: Σ = 1 + 9·0.96 = 9.64 -> 10
+        raw[0, :10] = 0.96  # CLS's weight stays 1: Σ = 1 + 9·0.96 = 9.64 -> 9
         raw[1, :7] = 0.9    # 1 + 6·0.9 = 6.4 -> 6
-        raw[2, :12] = 0.8   # 1 + 11·0.8 = 9.8 -> 10, more than layer 1: held at 6
+        raw[2, :12] = 0.8   # 1 + 11·0.8 = 9.8 -> 9, more than layer 1: held at 6
     sums = method.retention_weights().sum(dim=1)
     assert sums.tolist() == pytest.approx([9.64, 6.4, 9.8])
-    assert retention_from(method.retention_weights()).tolist() == [10, 6, 6]
-    assert not method.retention_fixed and method.current_retention().tolist() == [10, 6, 6]
+    assert retention_from(method.retention_weights()).tolist() == [9, 6, 6]
+    assert not method.retention_fixed and method.current_retention().tolist() == [9, 6, 6]
+    assert retention_from(torch.ones(2, 16)).tolist() == [16, 16], "weights at 1 keep every rank"
 
     method.begin_step(6, 10)  # still searching (retrain_at 0.65)
     assert not method.retention_fixed
     method.begin_step(7, 10)  # retraining begins: k_l fixed once
-    assert method.retention.tolist() == [10, 6, 6]
+    assert method.retention.tolist() == [9, 6, 6]
     with torch.no_grad():
         method.retention_weights.raw.fill_(1.0)
     method.begin_step(8, 10)
-    assert method.retention.tolist() == [10, 6, 6], "a fixed retention is never recomputed"
+    assert method.retention.tolist() == [9, 6, 6], "a fixed retention is never recomputed"
     assert method.regularizer(None, 1.0, 8, 10) is None, "no L1 pull once the retention is fixed"
     # It travels with the method's state (checkpoints, method.safetensors).
     fresh = PowerBert([0, 1, 2], max_length=16)
     fresh.load_state_dict(method.state_dict())
-    assert fresh.retention_fixed and fresh.retention.tolist() == [10, 6, 6]
+    assert fresh.retention_fixed and fresh.retention.tolist() == [9, 6, 6]
 
 
 def test_power_bert_stages_the_lr_and_the_l1_pull():
@@ -279,12 +281,13 @@ def test_power_bert_stages_the_lr_and_the_l1_pull():
 
 
 def test_power_bert_retention_survives_a_kill_and_resume(tmp_path):
-    args = [*FAST, *SYNTHETIC, "method=power_bert", "method.lr=0.5", "lambda=1", "train.max_steps=6",
+    args = [*FAST, *SYNTHETIC, "method=power_bert", "method.lr=0.5", "lambda=1", "train.max_steps=8",
             "train.checkpoint_every=1"]
     straight = invoke("train", *args, f"output_dir={tmp_path / 'straight'}")
     assert straight.exit_code == 0, straight.output
-    # Retraining begins at step 4 (0.65 · 6): killed after the checkpoint of step 5, k_l is in it.
-    killed = train_stopping_at(5, "KILL", *args, f"output_dir={tmp_path / 'resumed'}")
+    # Retraining begins with step index 6 (0.67 · 8 = 5.36), which fixes k_l: the checkpoint saved
+    # after 7 steps holds it. Killed right after that checkpoint, the run resumes in retraining.
+    killed = train_stopping_at(7, "KILL", *args, f"output_dir={tmp_path / 'resumed'}")
     assert killed.returncode == 137, killed.stderr
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (state["model"]["method.retention"] > 0).all()
@@ -311,7 +314,7 @@ def test_ltp_regularizer_raises_the_thresholds_and_counts_real_tokens_only():
     parts = method.regularizer(out, 1.0, 0, 10)
     real = attention_mask.bool()
     expected = sum(out.weights[:, layer][real].mean() for layer in range(LAYERS))
-    assert float(parts.sparsity) == pytest.approx(float(expected))
+    assert parts.sparsity.item() == pytest.approx(expected.item())
     parts.total.backward()
     assert (method.offsets.grad < 0).all(), "descent must raise every threshold (keep fewer tokens)"
     method.stage.fill_(HARD)
@@ -360,7 +363,7 @@ def test_ltp_thresholds_move_under_lambda_then_freeze(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("overrides, message", [
     (["method=ltp", "method.temperature=0"], "method.temperature=0 is not valid"),
-    (["method=ltp", "method.freeze_at=0.2"], "method.freeze_at=0.2 is not valid: it must come after method.start=0.3"),
+    (["method=ltp", "method.freeze_at=0.2"], "method.freeze_at=0.2 is not valid: it must come after method.start=0.33"),
     (["method=power_bert", "method.retrain_at=0.3"], "method.retrain_at=0.3 is not valid"),
     (["method=topk", "method.keep=0"], "method.keep=0 is not valid"),
     (["method=random", "method.keep=1.5"], "method.keep=1.5 is not valid"),

@@ -39,8 +39,8 @@ class LearnedTokenPruning(TokenPruner):
     undecided_advice = "lower method.temperature, or let the thresholds freeze before the end (method.freeze_at)"
 
     def __init__(self, layers: list[int], max_length: int, num_layers: int, num_heads: int,
-                 threshold: float = 0.01, temperature: float = 1e-3, lr: float = 2e-5, start: float = 0.3,
-                 freeze_at: float | None = 0.65):
+                 threshold: float = 0.01, temperature: float = 1e-3, lr: float = 2e-5, start: float = 0.33,
+                 freeze_at: float | None = 0.67):
         super().__init__(layers, max_length)
         if temperature <= 0:
             raise ValueError(f"method.temperature={temperature} must be > 0")

@@ -11,8 +11,9 @@ of training:
 
        λ · Σ_l l · Σ_j W_lj
 
-3. retraining (to the end): the retention k_l = round(Σ_j W_lj), made non-increasing over the
-   layers, is fixed once (a buffer: saved, loaded and checkpointed), and each layer keeps CLS and
+3. retraining (to the end): the retention k_l = ⌊Σ_j W_lj⌋ (their ``int(np.sum(W))``), made
+   non-increasing over the layers, is fixed once (a buffer: saved, loaded and checkpointed), and
+   each layer keeps CLS and
    the k_l − 1 present tokens with the highest score, in their original order (an input with fewer
    tokens keeps them all). Decisions are exactly 0/1 from here on, so training computes what the
    gathered model does.
@@ -27,10 +28,15 @@ from .gates import TokenGates
 from .stages import lr_window, reached
 
 
+# A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
+_FLOOR_SLACK = 1e-4
+
+
 def retention_from(weights: torch.Tensor) -> torch.Tensor:
-    """k_l = round(Σ_j W_lj) (CLS's weight, 1, counted), at least 1, non-increasing over layers."""
+    """k_l = ⌊Σ_j W_lj⌋ (CLS's weight, 1, counted), at least 1, then non-increasing over layers: a
+    layer keeps no more than the one before it (their ``get_configuration``)."""
     with torch.no_grad():
-        counts = torch.round(weights.sum(dim=1)).long().clamp(1, weights.size(1))
+        counts = torch.floor(weights.sum(dim=1) + _FLOOR_SLACK).long().clamp(1, weights.size(1))
         return torch.cummin(counts, dim=0).values
 
 
@@ -41,8 +47,8 @@ class PowerBert(TokenPruner):
     never_pruned_advice = ("raise lambda or method.lr, or give the search more of training "
                            "(method.start earlier, method.retrain_at later)")
 
-    def __init__(self, layers: list[int], max_length: int, lr: float = 3e-3, start: float = 0.3,
-                 retrain_at: float = 0.65):
+    def __init__(self, layers: list[int], max_length: int, lr: float = 3e-3, start: float = 0.33,
+                 retrain_at: float = 0.67):
         super().__init__(layers, max_length)
         if not 0 <= start < retrain_at <= 1:
             raise ValueError(f"method.start={start} must come before method.retrain_at={retrain_at} "
