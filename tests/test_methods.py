@@ -383,3 +383,26 @@ def test_every_method_config_composes_with_its_knob_and_grid():
     assert compose_config(["method=ltp", "method.freeze_at=null"]).method.freeze_at is None
     assert compose_config(["method=random", "seed=7"]).method.seed == 7
     assert compose_config(["method=topk"]).output_dir == "outputs/runs/synthetic/topk-keep0.5-seed0"
+
+
+def test_every_command_in_docs_methods_md_composes():
+    """The commands docs/methods.md shows are configs that exist: each train command composes, each
+    sweep is planned (every job's config composed) and each report command parses."""
+    from pathlib import Path
+
+    from dynbert.sweep import plan_sweep
+
+    text = (Path(__file__).parent.parent / "docs" / "methods.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = [line.split("#")[0].split() for block in blocks for line in block.splitlines()
+                if line.startswith("dynbert ")]
+    kinds = {command[1] for command in commands}
+    assert kinds == {"train", "sweep", "report"}, kinds
+    for command in commands:
+        args = [arg for arg in command[2:] if arg != "--cfg"]
+        if command[1] == "train":
+            compose_config(args)
+        elif command[1] == "sweep":
+            plan_sweep(args)
+        else:
+            assert invoke("report", "--help").exit_code == 0
