@@ -116,6 +116,9 @@ class TokenPruner(nn.Module):
     """What a run that pruned nothing should try (printed with its warning)."""
     undecided_advice = "train longer (train.epochs)"
     """What a run whose soft decisions did not end at 0 or 1 should try."""
+    idle_parameters = False
+    """True when some stage leaves the method's parameters out of the loss (frozen thresholds, a
+    fixed retention): with several processes, DDP must then look for unused parameters."""
 
     def __init__(self, layers: list[int], max_length: int):
         super().__init__()

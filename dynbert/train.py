@@ -211,8 +211,13 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         state = _restore(load_checkpoint(checkpoint), checkpoint, gated, optimizer, scheduler)
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
+    method = gated.method  # the same module whether or not Accelerate wraps the model
+    if method.idle_parameters:
+        # Several processes: DDP waits for every parameter's gradient unless told some may have none.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = accelerator.prepare(gated, optimizer)
-    method = gated.method  # the same module whether or not Accelerate wrapped the model
     method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 

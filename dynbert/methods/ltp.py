@@ -34,6 +34,7 @@ class LearnedTokenPruning(TokenPruner):
     """A threshold per layer on the head- and query-averaged attention a token receives."""
 
     name = "ltp"
+    idle_parameters = True  # stages 1 and 3 give the thresholds no gradient
     never_pruned_advice = ("raise lambda or method.threshold, or give the thresholds more of training "
                            "(method.start earlier, method.freeze_at later)")
     undecided_advice = "lower method.temperature, or let the thresholds freeze before the end (method.freeze_at)"

@@ -44,6 +44,7 @@ class PowerBert(TokenPruner):
     """Retention weights per (layer, rank), searched under an L1 pull; then a fixed top-k_l per layer."""
 
     name = "power_bert"
+    idle_parameters = True  # the weights are used in no loss once the retention is fixed
     never_pruned_advice = ("raise lambda or method.lr, or give the search more of training "
                            "(method.start earlier, method.retrain_at later)")
 
