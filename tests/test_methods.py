@@ -182,8 +182,9 @@ def test_the_keep_schedule_falls_linearly_to_keep_at_the_last_layer():
     assert keep_fractions([0, 1, 2, 3], 4, 0.2) == pytest.approx([0.8, 0.6, 0.4, 0.2])
     assert keep_fractions([3], 4, 0.5) == pytest.approx([0.5])  # a layer subset keeps its own fraction
     # ⌈f·n⌉ with CLS counted, at least CLS; 0.7·10 is 7 tokens, not ⌈7.000000000000001⌉ = 8.
-    assert keep_counts(0.7, torch.tensor([10, 1, 3])).tolist() == [7, 1, 3]
-    assert keep_counts(0.01, torch.tensor([12])).tolist() == [1]
+    assert keep_counts(0.7, 12)[[10, 1, 3]].tolist() == [7, 1, 3]
+    assert keep_counts(0.01, 12)[12].item() == 1
+    assert keep_counts(0.5, 4).tolist() == [1, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="keep=0"):
         keep_fractions([0], 2, 0.0)
 

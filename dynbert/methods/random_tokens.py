@@ -26,10 +26,14 @@ def _mix(value: torch.Tensor) -> torch.Tensor:
 
 
 def token_hash(seed: int, layer: int, positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """A pseudo-random value in [0, 2**32) for each token, a function of its four arguments only."""
+    """A pseudo-random value in [0, 1) for each token, a function of its four arguments only.
+
+    24 bits of the hash, so float32 holds it exactly (MPS has no float64); two tokens that tie
+    rank in their original order, in soft mode and gathered alike.
+    """
     state = _mix(torch.tensor((seed * 1_000_003 + layer) & _MASK32, dtype=torch.long, device=positions.device))
     state = _mix(state ^ positions.long())
-    return _mix(state ^ token_ids.long())
+    return (_mix(state ^ token_ids.long()) >> 8).float() / 2**24
 
 
 class RandomTokens(TopK):
@@ -47,4 +51,4 @@ class RandomTokens(TopK):
         if self.training:
             return torch.rand(tokens.alive.shape, device=tokens.alive.device)
         token_ids = tokens.input_ids.gather(1, tokens.positions)
-        return token_hash(self.seed, self.layers[row], tokens.positions, token_ids).double()
+        return token_hash(self.seed, self.layers[row], tokens.positions, token_ids)

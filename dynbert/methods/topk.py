@@ -13,12 +13,14 @@ model does; the model is fine-tuned with the schedule in place from the first st
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core import LayerTokens, TokenPruner, rank_tokens
 
 # f_l · n is computed in floating point: 0.7 · 10 must keep 7 tokens, not ⌈7.000000000000001⌉ = 8.
-_CEIL_SLACK = 1e-6
+_CEIL_SLACK = 1e-9
 
 
 def keep_fractions(layers: list[int], num_layers: int, keep: float) -> list[float]:
@@ -28,9 +30,13 @@ def keep_fractions(layers: list[int], num_layers: int, keep: float) -> list[floa
     return [1.0 - (1.0 - keep) * (layer + 1) / num_layers for layer in layers]
 
 
-def keep_counts(fraction: float, num_tokens: torch.Tensor) -> torch.Tensor:
-    """k = ⌈fraction · n⌉ per input, at least 1 (CLS)."""
-    return torch.ceil(num_tokens.double() * fraction - _CEIL_SLACK).long().clamp(min=1)
+def keep_counts(fraction: float, max_length: int) -> torch.Tensor:
+    """k = ⌈fraction · n⌉, at least 1 (CLS), for every length n = 0..max_length (index by n).
+
+    A table computed once in double precision on the CPU: on the device a lookup is exact on
+    every backend (MPS has no float64) and costs no synchronisation.
+    """
+    return torch.tensor([max(1, math.ceil(fraction * n - _CEIL_SLACK)) for n in range(max_length + 1)])
 
 
 class TopK(TokenPruner):
@@ -43,6 +49,8 @@ class TopK(TokenPruner):
         super().__init__(layers, max_length)
         self.keep = keep
         self.fractions = keep_fractions(layers, num_layers, keep)
+        self.register_buffer("counts", torch.stack([keep_counts(f, max_length) for f in self.fractions]),
+                             persistent=False)
 
     def knob_active(self, lam: float) -> bool:
         return self.keep < 1
@@ -53,7 +61,7 @@ class TopK(TokenPruner):
 
     def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         rank = rank_tokens(self.ranking(row, tokens), tokens.alive)
-        counts = keep_counts(self.fractions[row], tokens.num_tokens)
+        counts = self.counts[row][tokens.num_tokens]
         return (rank < counts[:, None]).to(tokens.score.dtype)
 
     def keeps_all(self, values, row: int, length: int) -> bool:
