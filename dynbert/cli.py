@@ -76,7 +76,7 @@ def _config_epilog() -> str:
         options = sorted(p.stem for p in (root / group).glob("*.yaml"))
         lines.append(f"  {group}: {', '.join(options)}")
     lines.append("Main keys: lambda, seed, output_dir, glue_dir, task.data_dir, task.max_length, "
-                 "model.name_or_path, method.layers, method.score, method.lr, train.epochs, train.lr, "
+                 "model.name_or_path, method.layers, method.keep, method.score, method.lr, train.epochs, train.lr, "
                  "train.batch_size, train.max_steps, train.precision, train.device. See them all with --cfg.")
     return "\n\n".join(lines)
 
@@ -110,7 +110,11 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_
 
 
 def _print_run_summary(metrics: dict) -> None:
-    stderr.print(f"{metrics['task']} λ={metrics['lambda']:g}: {metrics['metric']} "
+    from .report import format_knob
+
+    # A run folder finished before dynbert had several methods holds gates' λ and no knob.
+    knob = format_knob(metrics.get("knob", "lambda"), metrics.get("knob_value", metrics["lambda"]))
+    stderr.print(f"{metrics['task']} {metrics.get('method', 'gates')} {knob}: {metrics['metric']} "
                  f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
                  f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
                  highlight=False, soft_wrap=True)
@@ -122,10 +126,11 @@ def sweep(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Co
                                                 "range(...)/choice(...) expand into runs.", show_default=False),
           dry_run: bool = typer.Option(False, "--dry-run", help="Check every run's config and list the "
                                        "multiruns; train nothing.")):
-    """Run a λ (and task, seed, ...) sweep as a Hydra multirun; re-running resumes it.
+    """Run a sweep of each method's knob (and task, seed, ...) as Hydra multiruns; re-running resumes it.
 
-    The λ grid comes from the sweep config (conf/sweep/, or experiment=demo). Launchers scale it
-    out: hydra/launcher=joblib, hydra/launcher=submitit_slurm. The last line printed is the sweep folder.
+    Each method varies its own knob over its own grid (method.grid: λ, or method.keep); a knob given
+    here or in sweep.params replaces it (docs/methods.md). Launchers scale it out: hydra/launcher=joblib,
+    hydra/launcher=submitit_slurm. The last line printed is the sweep folder.
     """
     from .sweep import plan_sweep, run_sweep
 

@@ -27,15 +27,21 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
 }
 """Keys with a fixed set of values; a method key is checked where the method's config has it."""
-NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm", "train.distill_temperature",
-                "method.lr", "method.bimodal_weight", "method.temperature", "method.threshold")
+NON_NEGATIVE = ("train.lr", "train.weight_decay", "train.warmup_ratio", "train.max_grad_norm",
+                "method.lr", "method.bimodal_weight", "method.threshold")
+POSITIVE = ("method.temperature", "train.distill_temperature")
 FRACTIONS = {
     "method.start": "the fraction of training before the method's parameters move, e.g. method.start=0.5",
     "method.harden_at": "the fraction of training where the gates are rounded and frozen, e.g. 0.8 (null: never)",
     "method.retrain_at": "the fraction of training where PoWER-BERT's retraining begins, e.g. 0.65",
-    "method.freeze_at": "the fraction of training where LTP freezes its thresholds, e.g. 0.5",
+    "method.freeze_at": "the fraction of training where LTP freezes its thresholds, e.g. 0.5 (null: never)",
 }
 """Keys that are a point in training: a number in [0, 1)."""
+OPTIONAL_FRACTIONS = ("method.freeze_at", "method.harden_at")
+"""Fractions that may be null: a point training never reaches."""
+LATER_FRACTIONS = {"method.retrain_at": "method.start", "method.freeze_at": "method.start",
+                   "method.harden_at": "method.start"}
+"""A stage boundary and the one it must come after."""
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds numpy and torch both accept."""
 
@@ -125,10 +131,6 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.train[key]
         if value is not None and (not _is_int(value) or value < least):
             raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= {least}")
-    start, harden_at = cfg.method.get("start"), cfg.method.get("harden_at")
-    if start is not None and harden_at is not None and _is_number(harden_at) and harden_at <= start:
-        raise DynbertError(f"method.harden_at={harden_at} is not valid: the gates must move before they are "
-                           f"frozen, so pass a number above method.start={start} (or null)")
     for key in NON_NEGATIVE:
         value = OmegaConf.select(cfg, key, default=0.0)
         if not _is_number(value) or not math.isfinite(value) or value < 0:
@@ -136,12 +138,22 @@ def validate(cfg: DictConfig) -> None:
     distill = cfg.train.distill
     if not _is_number(distill) or not 0 <= distill <= 1:
         raise DynbertError(f"train.distill={distill} is not valid: pass the weight of distillation, a number in [0, 1]")
-    if cfg.train.distill_temperature == 0:
-        raise DynbertError("train.distill_temperature=0 is not valid: pass a number > 0, e.g. 2")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key, default=1.0)
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise DynbertError(f"{key}={value} is not valid: pass a finite number > 0")
     for key, meaning in FRACTIONS.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and (not _is_number(value) or not 0 <= value < 1):
+        value = OmegaConf.select(cfg, key, default=0.0)
+        if value is None and key in OPTIONAL_FRACTIONS:
+            continue
+        if not _is_number(value) or not 0 <= value < 1:
             raise DynbertError(f"{key}={value} is not valid: pass a number in [0, 1): it is {meaning}")
+    for key, earlier in LATER_FRACTIONS.items():
+        value, before = OmegaConf.select(cfg, key), OmegaConf.select(cfg, earlier)
+        if value is not None and before is not None and value <= before:
+            raise DynbertError(f"{key}={value} is not valid: it must come after {earlier}={before} "
+                               "(both are fractions of training)")
+    _check_grid(cfg)
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
@@ -151,6 +163,28 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=choices[0])
         if value not in choices:
             raise DynbertError(f"{key}={value} is not valid: pass one of {', '.join(choices)}")
+
+
+def knob_key(method_cfg: DictConfig) -> str | None:
+    """The key a method's trade-off knob is (``lambda``, ``method.keep``), from its ``grid``;
+    None for the un-pruned baseline."""
+    grid = method_cfg.get("grid")
+    return None if grid is None else str(grid).partition("=")[0].strip()
+
+
+def _check_grid(cfg: DictConfig) -> None:
+    """``method.grid`` is one override, ``<knob>=<values>``, whose key the config has."""
+    grid = cfg.method.get("grid")
+    if grid is None:
+        return
+    key, sep, values = str(grid).partition("=")
+    key = key.strip()
+    if not sep or not values.strip() or OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        raise DynbertError(f"method.grid={grid} is not valid: pass the method's knob and the values a sweep "
+                           "tries, as one override, e.g. lambda=0,0.1,1 or method.keep=0.3,0.5")
+
+
+_MISSING = object()
 
 
 def _check_output_dir(value) -> None:

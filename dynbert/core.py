@@ -44,6 +44,8 @@ def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, 
     probabilities, so it runs eagerly; with ``cls_attention`` it keeps sdpa and adds one row of
     logits for the CLS query. Scores are taken before dropout and summed over heads and over the
     queries in ``score_queries`` (the tokens still present), so soft and hard mode rank alike.
+    ``attention_received`` keeps its gradient, so a method can learn through the score itself (LTP's
+    soft mask does, as in its public code); ranking methods use it under ``no_grad`` and pay nothing.
     """
     if token_score is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -51,8 +53,7 @@ def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, 
     if token_score == "attention_received":
         probs = torch.softmax(torch.matmul(query, key.transpose(2, 3)) * scaling + attention_mask, dim=-1)
         output = torch.matmul(F.dropout(probs, p=dropout, training=module.training), value)
-        with torch.no_grad():
-            score = (probs * score_queries[:, None, :, None]).sum(dim=(1, 2))
+        score = (probs * score_queries[:, None, :, None]).sum(dim=(1, 2))
         return output.transpose(1, 2).contiguous(), score
     if token_score == "cls_attention":
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
@@ -115,6 +116,9 @@ class TokenPruner(nn.Module):
     """What a run that pruned nothing should try (printed with its warning)."""
     undecided_advice = "train longer (train.epochs)"
     """What a run whose soft decisions did not end at 0 or 1 should try."""
+    idle_parameters = False
+    """True when some stage leaves the method's parameters out of the loss (frozen thresholds, a
+    fixed retention): with several processes, DDP must then look for unused parameters."""
 
     def __init__(self, layers: list[int], max_length: int):
         super().__init__()
@@ -189,6 +193,10 @@ class GatedOutput:
     pruned layer) had a weight within ``DECIDED_MARGIN`` of 0 or 1."""
     decisions: torch.Tensor | None = None
     """Soft mode: (batch,) how many token decisions there were."""
+    weights: torch.Tensor | None = None
+    """Soft mode: (batch, pruned layers, input length) the keep weight each pruned layer gave each
+    token (CLS 1, pads 0; not cumulative); differentiable. A regularizer on each layer's own
+    decisions (LTP's) reads it."""
 
 
 class GatedModel(nn.Module):
@@ -244,7 +252,7 @@ class GatedModel(nn.Module):
             alive, kept_weight = real, real.to(hidden.dtype)
         pruning = prune and bool(method.layers)
         values = method.prepare(hard) if pruning else None
-        kept_counts, present_per_layer, kept_soft = [], [], []
+        kept_counts, present_per_layer, kept_soft, layer_weights = [], [], [], []
         decided = decisions = None
         if not hard and pruning:
             decided = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -281,6 +289,7 @@ class GatedModel(nn.Module):
                     kept_weight = kept_weight * weight
                     alive = keep
                     kept_soft.append(kept_weight.sum(dim=1) / num_tokens)
+                    layer_weights.append(torch.where(real, weight, 0.0))
             hidden = self.encoder.feed_forward(layer, attended)
             kept_counts.append(alive.sum(dim=1))
             present_per_layer.append(_scatter_present(alive, positions, length))
@@ -289,7 +298,8 @@ class GatedModel(nn.Module):
         return GatedOutput(logits=logits, num_tokens=num_tokens, kept=torch.stack(kept_counts, dim=1),
                            present=torch.stack(present_per_layer, dim=1),
                            kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None,
-                           decided=decided, decisions=decisions)
+                           decided=decided, decisions=decisions,
+                           weights=torch.stack(layer_weights, dim=1) if layer_weights else None)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
         """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else."""

@@ -2,12 +2,16 @@
 
 A run folder is finished when it holds `metrics.json`; folders without one are still training and are
 skipped silently. `dynbert report` calls `write_report`, which writes `report.md`, `results.csv`,
-`tradeoff.png` and `tradeoff.svg` (any subset) and prints one table per task.
+`tradeoff.png` and `tradeoff.svg` (any subset) and prints one table per task. Runs group by (task,
+method, knob value); each task's panel overlays the methods, one colour each, each with its own
+Pareto front. Files written before dynbert had several methods lack `method` and `knob`: they are
+the paper's gates swept over λ (or the baseline).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import re
@@ -25,7 +29,8 @@ FLOPS_NOTE = ("FLOPs are counted analytically per example on its real (unpadded)
               "the FLOPs ratio is relative to the un-gated model on the same examples (1.0 = no pruning).")
 
 # results.csv puts these first, in this order; the rest follow sorted (metrics.*, kept_per_layer.<i>, extras).
-_CSV_FIRST = ["run_dir", "task", "metric", "baseline", "lambda", "seed", "score", "score_soft",
+_CSV_FIRST = ["run_dir", "task", "method", "knob", "knob_value", "metric", "baseline", "lambda", "seed",
+              "score", "score_soft",
               "flops_per_example", "baseline_flops_per_example", "flops_ratio", "cue_kept",
               "train_seconds", "version"]
 # The quantities summarize() averages over seeds: summary key -> how to read it from a run.
@@ -37,6 +42,11 @@ _SUMMARY_FIELDS = {
     "kept_last": lambda run: run["kept_per_layer"][-1] if run["kept_per_layer"] else None,
     "cue_kept": lambda run: run.get("cue_kept"),
 }
+METHOD_ORDER = ("gates", "power_bert", "ltp", "topk", "random")
+"""Tables and legends list the methods in this order (others follow, alphabetically)."""
+KNOB_OFF = {"lambda": 0.0, "method.keep": 1.0}
+"""The knob value at which a method prunes least: Δ in the tables is measured from it."""
+_KNOB_SYMBOLS = {"lambda": "λ", "method.keep": "keep"}
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -54,8 +64,18 @@ def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if why:
             bad.append((path, why))
             continue
-        runs.append({**data, "run_dir": path.parent})
+        runs.append(_with_method_and_knob({**data, "run_dir": path.parent}))
     return runs, bad
+
+
+def _with_method_and_knob(run: dict) -> dict:
+    """Fill in `method`, `knob` and `knob_value` for files written before dynbert had several methods:
+    those are the paper's gates swept over λ, or the un-pruned baseline."""
+    run.setdefault("method", "none" if run["baseline"] else "gates")
+    if "knob" not in run:
+        run["knob"] = None if run["baseline"] else "lambda"
+        run["knob_value"] = None if run["baseline"] else run["lambda"]
+    return run
 
 
 # ------------------------------------------------------------------------------------------ summarizing
@@ -70,40 +90,56 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 
 def _group_key(run: dict) -> tuple:
-    # A baseline's λ means nothing: all of a task's baseline runs form one group, whatever λ they carry.
-    return (run["task"], bool(run["baseline"]), None if run["baseline"] else float(run["lambda"]))
+    """(task, baseline, method, knob, knob value).
+
+    A baseline's knob means nothing: all of a task's baseline runs form one group, whatever λ they carry.
+    """
+    if run["baseline"]:
+        return (run["task"], True, "none", None, None)
+    value = run["knob_value"]
+    return (run["task"], False, run["method"], run["knob"], None if value is None else float(value))
+
+
+def _method_rank(method: str) -> tuple:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def _row_order(row: dict) -> tuple:
-    """Tasks alphabetically; within a task the baseline first, then λ ascending."""
-    return (row["task"], not row["baseline"], row["lambda"] if row["lambda"] is not None else -math.inf)
+    """Tasks alphabetically; within a task the baseline first, then by method, then knob value ascending."""
+    value = row["knob_value"]
+    return (row["task"], not row["baseline"], _method_rank(row["method"]), value if value is not None else -math.inf)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (task, baseline, λ), averaged over seeds.
+    """One row per (task, method, knob value), averaged over seeds; the baseline is one row per task.
 
-    Each row has task, metric, baseline, lambda (None for the baseline), n, seeds, then `<q>_mean` and
+    Each row has task, metric, baseline, method, knob (`lambda`, `method.keep`; None for the baseline),
+    knob_value, lambda (the knob value of a λ method, else None), n, seeds, then `<q>_mean` and
     `<q>_std` for q in score, score_soft, flops_ratio, flops_per_example, kept_last (kept fraction at
     the last layer) and cue_kept (None where no run has it). std is the sample standard deviation over
-    seeds (n - 1), None for a single run. `delta` is score_mean minus the same task's gated λ=0
-    score_mean (None without a λ=0 run); `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs).
+    seeds (n - 1), None for a single run. `delta` is score_mean minus the same task and method's
+    score_mean with the knob off (`KNOB_OFF`: λ = 0, keep = 1), None without such a run; the baseline
+    row is compared with the paper's gates at λ = 0. `reduction` is 1 / flops_ratio_mean (×-fold
+    fewer FLOPs).
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         groups[_group_key(run)].append(run)
     rows = []
-    for (task, baseline, lam), members in groups.items():
+    for (task, baseline, method, knob, value), members in groups.items():
         metrics = Counter(run["metric"] for run in members)
-        row = {"task": task, "metric": "/".join(sorted(metrics)), "baseline": baseline, "lambda": lam,
+        row = {"task": task, "metric": "/".join(sorted(metrics)), "baseline": baseline, "method": method,
+               "knob": knob, "knob_value": value, "lambda": value if knob == "lambda" else None,
                "n": len(members), "seeds": sorted(run["seed"] for run in members)}
         for name, read in _SUMMARY_FIELDS.items():
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([read(run) for run in members])
         ratio = row["flops_ratio_mean"]
         row["reduction"] = 1.0 / ratio if ratio and ratio > 0 else None
         rows.append(row)
-    reference = {row["task"]: row["score_mean"] for row in rows if not row["baseline"] and row["lambda"] == 0.0}
+    reference = {(row["task"], row["method"]): row["score_mean"] for row in rows
+                 if not row["baseline"] and row["knob"] in KNOB_OFF and row["knob_value"] == KNOB_OFF[row["knob"]]}
     for row in rows:
-        ref = reference.get(row["task"])
+        ref = reference.get((row["task"], "gates" if row["baseline"] else row["method"]))
         row["delta"] = row["score_mean"] - ref if ref is not None else None
     return sorted(rows, key=_row_order)
 
@@ -146,6 +182,20 @@ def format_lambda(lam: float | None) -> str:
     return text
 
 
+def format_knob(knob: str | None, value: float | None) -> str:
+    """A run's knob as a label: "λ=0.1", "keep=0.5"; "baseline" for the un-pruned run."""
+    if knob is None:
+        return "baseline"
+    return f"{knob_symbol(knob)}={format_lambda(value)}"
+
+
+def knob_symbol(knob: str | None) -> str:
+    """λ for lambda, keep for method.keep, the key itself for any other knob; "—" for none."""
+    if knob is None:
+        return "—"
+    return _KNOB_SYMBOLS.get(knob, knob)
+
+
 def format_flops(value: float | None) -> str:
     """1234567 -> '1.23 M'."""
     if value is None:
@@ -172,11 +222,11 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of one task's table (the same for the console and Markdown)."""
     metric = rows[0]["metric"]
     with_cue = any(row["cue_kept_mean"] is not None for row in rows)
-    header = ["λ", f"{metric} (hard)", "Δ vs λ=0", "FLOPs/example", "FLOPs ratio", "reduction",
-              "kept, last layer"] + (["cue kept"] if with_cue else []) + ["runs"]
+    header = ["method", "knob", "value", f"{metric} (hard)", "Δ vs knob off", "FLOPs/example", "FLOPs ratio",
+              "reduction", "kept, last layer"] + (["cue kept"] if with_cue else []) + ["runs"]
     cells = []
     for row in rows:
-        line = [format_lambda(row["lambda"]),
+        line = [row["method"], knob_symbol(row["knob"]), format_lambda(row["knob_value"]),
                 _pm(row["score_mean"], row["score_std"]),
                 "—" if row["delta"] is None else f"{row['delta']:+.3f}",
                 format_flops(row["flops_per_example_mean"]),
@@ -205,7 +255,8 @@ def _markdown(folder: Path, runs: list[dict], bad: list, rows: list[dict], figur
              f"{len(runs)} finished runs from `{folder}`" + (f"; {len(bad)} unreadable metrics.json skipped." if bad else "."),
              "", FLOPS_NOTE,
              "Scores are in hard mode (pruned tokens physically removed); ± is the sample standard deviation "
-             "over seeds; Δ is the difference to the same task's λ=0 gated run.", ""]
+             "over seeds; Δ is the difference to the same task and method's run with its knob off (λ = 0, "
+             "keep = 1; the baseline row: the gates at λ = 0).", ""]
     for task, task_rows in _by_task(rows).items():
         header, cells = _table(task_rows)
         lines += [f"## {task} ({task_rows[0]['metric']})", "", md_line(header),
@@ -239,8 +290,12 @@ def _natural(key: str) -> list:
 
 def _csv(folder: Path, runs: list[dict]) -> str:
     flat_runs = []
-    for run in sorted(runs, key=lambda r: (*_row_order({"task": r["task"], "baseline": r["baseline"],
-                                                        "lambda": _group_key(r)[2]}), r["seed"], str(r["run_dir"]))):
+    def order(run: dict) -> tuple:
+        task, baseline, method, _, value = _group_key(run)
+        row = {"task": task, "baseline": baseline, "method": method, "knob_value": value}
+        return (*_row_order(row), run["seed"], str(run["run_dir"]))
+
+    for run in sorted(runs, key=order):
         flat: dict = {}
         _flatten({k: v for k, v in run.items() if k != "run_dir"}, "", flat)
         try:
@@ -322,13 +377,27 @@ def _y_label(metric: str) -> str:
     return f"{metric}, hard mode ({unit})"
 
 
+_METHOD_COLORS = {"gates": "tab:blue", "power_bert": "tab:orange", "ltp": "tab:green", "topk": "tab:purple",
+                  "random": "tab:gray"}
+_OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _method_color(method: str) -> str:
+    """The same colour for a method in every panel and every report (red is the baseline's)."""
+    if method in _METHOD_COLORS:
+        return _METHOD_COLORS[method]
+    return _OTHER_COLORS[int(hashlib.sha1(method.encode()).hexdigest(), 16) % len(_OTHER_COLORS)]
+
+
 def plot_tradeoff(rows: list[dict]):
-    """One panel per task: score (hard mode) against relative FLOPs, λ labels, baseline star, Pareto front.
+    """One panel per task: score (hard mode) against relative FLOPs, one colour per method with its own
+    Pareto front, knob labels (λ=0.1, keep=0.5), the baseline star.
 
     Returns a matplotlib Figure drawn on the Agg canvas (no pyplot, no global backend change).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
     from matplotlib.transforms import Bbox
 
     tasks = _by_task(rows)
@@ -344,31 +413,41 @@ def plot_tradeoff(rows: list[dict]):
     for ax, (task, task_rows) in zip(axes, tasks.items()):
         drawable = [r for r in task_rows if r["score_mean"] is not None and r["flops_ratio_mean"] is not None
                     and math.isfinite(r["score_mean"]) and math.isfinite(r["flops_ratio_mean"])]
-        gated = [r for r in drawable if not r["baseline"]]
+        pruned = [r for r in drawable if not r["baseline"]]
         base = [r for r in drawable if r["baseline"]]
-        xs = [r["flops_ratio_mean"] for r in gated]
-        ys = [r["score_mean"] for r in gated]
+        methods: dict[str, list[dict]] = defaultdict(list)
+        for r in pruned:  # rows come sorted: methods in METHOD_ORDER, knob values ascending
+            methods[r["method"]].append(r)
         ax.axvline(1.0, color="0.8", lw=0.8, zorder=0)
         for r in base:
             ax.axhline(r["score_mean"], color="tab:red", lw=0.8, ls=":", alpha=0.7, zorder=0)
-        if gated:
-            front = pareto_front(list(zip(xs, ys)))
-            ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="tab:blue", lw=1.2,
-                    ls="--", alpha=0.8, label="Pareto front (gated)", zorder=1)
-            for r, x, y in zip(gated, xs, ys):
+        handles = []
+        for method, method_rows in methods.items():
+            color = _method_color(method)
+            mx = [r["flops_ratio_mean"] for r in method_rows]
+            my = [r["score_mean"] for r in method_rows]
+            front = pareto_front(list(zip(mx, my)))
+            ax.step([mx[i] for i in front], [my[i] for i in front], where="post", color=color, lw=1.2,
+                    ls="--", alpha=0.8, label=f"Pareto front ({method})", zorder=1)
+            for r, x, y in zip(method_rows, mx, my):
                 if r["score_std"] is not None or r["flops_ratio_std"] is not None:
                     ax.errorbar(x, y, xerr=r["flops_ratio_std"], yerr=r["score_std"], fmt="none",
-                                ecolor="tab:blue", elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
-            ax.scatter(xs, ys, s=28, color="tab:blue", edgecolor="white", linewidth=0.5, zorder=3,
-                       label="gated model (label: λ)")
+                                ecolor=color, elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
+            handles.append(ax.scatter(mx, my, s=28, color=color, edgecolor="white", linewidth=0.5, zorder=3,
+                                      label=f"{method} (label: {knob_symbol(method_rows[0]['knob'])})"))
+        if methods:
+            handles.append(Line2D([], [], color="0.4", lw=1.2, ls="--",
+                                  label="Pareto front" if len(methods) == 1 else "each method's Pareto front"))
         for r in base:
             if r["score_std"] is not None or r["flops_ratio_std"] is not None:
                 ax.errorbar(r["flops_ratio_mean"], r["score_mean"], xerr=r["flops_ratio_std"], yerr=r["score_std"],
                             fmt="none", ecolor="tab:red", elinewidth=0.8, capsize=2, zorder=2)
-            ax.scatter([r["flops_ratio_mean"]], [r["score_mean"]], marker="*", s=160, color="tab:red",
-                       edgecolor="black", linewidth=0.5, zorder=4, label="un-gated baseline")
+            handles.append(ax.scatter([r["flops_ratio_mean"]], [r["score_mean"]], marker="*", s=160, color="tab:red",
+                                      edgecolor="black", linewidth=0.5, zorder=4, label="un-gated baseline"))
+        xs = [r["flops_ratio_mean"] for r in pruned]
+        ys = [r["score_mean"] for r in pruned]
         all_x = xs + [r["flops_ratio_mean"] for r in base]
-        x_err = [r["flops_ratio_std"] or 0.0 for r in gated + base]
+        x_err = [r["flops_ratio_std"] or 0.0 for r in pruned + base]
         ax.set_xlim(0.0, max([1.05] + [x + e + 0.03 for x, e in zip(all_x, x_err)]))
         ax.margins(y=0.18)
         metric = task_rows[0]["metric"]
@@ -377,14 +456,14 @@ def plot_tradeoff(rows: list[dict]):
         ax.set_title(f"{task} — {metric} (hard mode)")
         ax.grid(True, color="0.92", lw=0.6)
         ax.set_axisbelow(True)
-        legend = ax.legend(loc="lower right", fontsize=7, framealpha=0.9) if (gated or base) else None
-        items = [(x, y, f"λ={format_lambda(r['lambda'])}") for r, x, y in zip(gated, xs, ys)]
+        legend = ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.9) if handles else None
+        items = [(x, y, format_knob(r["knob"], r["knob_value"])) for r, x, y in zip(pruned, xs, ys)]
         items = [(r["flops_ratio_mean"], r["score_mean"], "baseline") for r in base] + items
         # What labels must not cover, in data units with a pad in points: markers (the star is larger than
         # a dot) and error bars with their caps.
         shapes = [(x, y, x, y, 4.0) for x, y in zip(xs, ys)]
         shapes += [(r["flops_ratio_mean"], r["score_mean"], r["flops_ratio_mean"], r["score_mean"], 7.5) for r in base]
-        for r in gated + base:
+        for r in pruned + base:
             x, y, xe, ye = r["flops_ratio_mean"], r["score_mean"], r["flops_ratio_std"] or 0.0, r["score_std"] or 0.0
             shapes += [(x - xe, y, x + xe, y, 2.5), (x, y - ye, x, y + ye, 2.5)]
         panels.append((ax, legend, items, shapes))
@@ -430,7 +509,7 @@ def _print_tables(console, rows: list[dict]) -> None:
         header, cells = _table(task_rows)
         table = Table(title=f"{task}: {task_rows[0]['metric']} (hard mode)", title_justify="left")
         for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i == 0 else "right")
+            table.add_column(name, justify="left" if i < 2 else "right")
         for line in cells:
             table.add_row(*line)
         console.print(table)
@@ -462,10 +541,10 @@ def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...]
     seen: dict[tuple, list[Path]] = defaultdict(list)
     for run in runs:
         seen[(*_group_key(run), run["seed"])].append(run["run_dir"])
-    for (task, baseline, lam, seed), dirs in seen.items():
+    for (task, _, method, knob, value, seed), dirs in seen.items():
         if len(dirs) > 1:
-            console.print(f"[yellow]warning:[/] {len(dirs)} runs share task {escape(task)}, "
-                          f"λ {format_lambda(lam)}, seed {seed}; all are averaged: "
+            console.print(f"[yellow]warning:[/] {len(dirs)} runs share task {escape(task)}, method {escape(method)}, "
+                          f"{escape(format_knob(knob, value))}, seed {seed}; all are averaged: "
                           + escape(", ".join(map(str, dirs))), highlight=False)
 
     rows = summarize(runs)

@@ -31,8 +31,9 @@ OWNER_FILE, LOCK_FILE = ".dynbert-run", ".dynbert-lock"
 OWNED_NAMES = (METRICS_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_DIR, STATUS_FILE)
 """What a fresh start removes from a folder that dynbert owns (config.yaml is rewritten)."""
 
-EXECUTION_KEYS = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep")
-"""Keys that change how a run is executed, not what it computes: they may differ on resume."""
+EXECUTION_KEYS = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep", "method.grid")
+"""Keys that change how a run is executed (or, ``method.grid``, what a sweep would vary), not what it
+computes: they may differ on resume."""
 
 # ---------------------------------------------------------------------------------------------
 # metrics.json: one schema for train (writer), report and sweep (readers) and the tests.
@@ -77,6 +78,14 @@ def metrics_problem(data) -> str | None:
     cue = data.get("cue_kept")
     if cue is not None and (isinstance(cue, bool) or not isinstance(cue, _NUMBER) or not math.isfinite(cue)):
         return f"'cue_kept' is {json.dumps(cue)[:40]}, expected a number or null"
+    # Optional (older files lack them): the method, and its knob (e.g. "method.keep") with its value.
+    for key in ("method", "knob"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"'{key}' is {json.dumps(data[key])[:40]}, expected a string or null"
+    value = data.get("knob_value")
+    if data.get("knob") is not None and (isinstance(value, bool) or not isinstance(value, _NUMBER)
+                                         or not math.isfinite(value)):
+        return f"'knob_value' is {json.dumps(value)[:40]}, expected the finite number its knob was set to"
     return None
 
 

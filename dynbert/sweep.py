@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from .config import knob_key
 from .errors import DynbertError, atomic_write_json, first_line
 
 _SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
@@ -71,32 +72,94 @@ def _key(line: str) -> str:
 
 
 def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]:
-    """The sweep folder and the override lists of its multiruns (the grid, then the baseline)."""
+    """The sweep folder and the override lists of its multiruns: one per method, then the baseline.
+
+    Each method varies its own knob over its own values (``method.grid``: ``lambda=...`` for λ
+    methods, ``method.keep=...`` for the keep-schedule ones). A knob given on the command line or in
+    ``sweep.params`` replaces those values for every method whose knob it is, and only for those. A
+    ``method.*`` key goes to the methods whose config has it; any other key goes to every method.
+    The baseline (``method=none``, λ = 0) runs once per task and seed unless ``sweep.baseline=false``.
+    """
     from .config import compose_config
 
     plain, swept = _split_overrides(overrides)
-    # Compose with every value of each swept key (the others at their first), so a bad key or value
-    # fails here, before any run, not as one failed job among many.
-    values = {_key(line): _values(line) for line in swept.values()}
+    given = {_key(line): line for line in plain} | {_key(key): line for key, line in swept.items()}
+    common = [line for line in plain if not _key(line).startswith("method")]  # what every method gets
+    cfg = compose_config(common + [line for line in plain if _key(line) == "method"])
+    methods = _values(swept["method"]) if "method" in swept else [cfg.method.name]
+    probes = {name: compose_config(common + [f"method={name}"]) for name in dict.fromkeys(methods)}
+    if cfg.sweep.baseline and "none" not in probes:
+        probes["none"] = compose_config(common + ["method=none"])
+    knob_owners = _knob_owners()
+    for key in given:
+        if key != "method" and not any(_routes(key, probe, knob_owners) for name, probe in probes.items()
+                                       if name in methods):
+            raise DynbertError(_unrouted_message(key, methods, knob_owners))
+
+    folder = Path(cfg.output_dir) if "output_dir" in given else Path("outputs/sweeps") / cfg.sweep.name
+    runs = []
+    for name, probe in probes.items():
+        passed = [line for line in plain if _key(line) not in ("method", "output_dir")
+                  and _routes(_key(line), probe, knob_owners)]
+        grid = {key: line for key, line in ((_key(k), v) for k, v in swept.items())
+                if key != "method" and _routes(key, probe, knob_owners)}
+        for key, values in probe.sweep.params.items():
+            if key not in given and _routes(key, probe, knob_owners):
+                grid[key] = f"{key}={values}"
+        knob = knob_key(probe.method)
+        if knob is not None and knob not in given and knob not in grid:
+            grid[knob] = str(probe.method.grid)
+        fixed = [f"method={name}"] + (["lambda=0"] if name == "none" else [])
+        _check_values(passed + fixed, grid)
+        # Each job names its folder after these keys (see `run_folder`).
+        runs.append(passed + fixed + [f"sweep.swept_keys=[{','.join(sorted(grid))}]"] + list(grid.values()))
+    return folder, runs, cfg
+
+
+def _check_values(fixed: list[str], grid: dict[str, str]) -> None:
+    """Compose with every value of each swept key (the others at their first), so a bad key or
+    value fails here, before any run, not as one failed job among many."""
+    from .config import compose_config
+
+    values = {key: _values(line) for key, line in grid.items()}
     probe = {key: f"{key}={choices[0]}" for key, choices in values.items() if choices}
-    cfg = compose_config(plain + list(probe.values()))
+    compose_config(fixed + list(probe.values()))
     for key, choices in values.items():
         for value in choices[1:]:
-            compose_config(plain + list({**probe, key: f"{key}={value}"}.values()))
-    user_keys = {_key(line) for line in plain} | {_key(key) for key in swept}
-    folder = Path(cfg.output_dir) if "output_dir" in user_keys else Path("outputs/sweeps") / cfg.sweep.name
-    passed = [line for line in plain if _key(line) != "output_dir"]
-    grid = {_key(key): line for key, line in swept.items()}
-    for key, line in cfg.sweep.params.items():
-        if key not in user_keys:
-            grid[key] = f"{key}={line}"
-    # Each job names its folder after these keys (see `run_folder`).
-    passed.append(f"sweep.swept_keys=[{','.join(sorted(grid))}]")
-    runs = [passed + list(grid.values())]
-    if cfg.sweep.baseline and cfg.method.name != "none" and "method" not in user_keys:
-        baseline_grid = [line for key, line in grid.items() if key != "lambda"]
-        runs.append(passed + baseline_grid + ["method=none", "lambda=0"])
-    return folder, runs, cfg
+            compose_config(fixed + list({**probe, key: f"{key}={value}"}.values()))
+
+
+def _knob_owners() -> dict[str, list[str]]:
+    """Each knob key (``lambda``, ``method.keep``) and the methods (conf/method/) whose knob it is."""
+    from .config import conf_dir
+
+    owners: dict[str, list[str]] = {}
+    for path in sorted((conf_dir() / "method").glob("*.yaml")):
+        knob = knob_key(OmegaConf.load(path))
+        if knob is not None:
+            owners.setdefault(knob, []).append(path.stem)
+    return owners
+
+
+def _routes(key: str, probe: DictConfig, knob_owners: dict[str, list[str]]) -> bool:
+    """Whether an override of ``key`` belongs to the jobs of the method ``probe`` was composed for."""
+    if key in knob_owners:
+        return key == knob_key(probe.method)
+    if key.startswith("method."):
+        return OmegaConf.select(probe, key, default=_ABSENT) is not _ABSENT
+    return True
+
+
+_ABSENT = object()
+
+
+def _unrouted_message(key: str, methods: list[str], knob_owners: dict[str, list[str]]) -> str:
+    names = ", ".join(methods)
+    if key in knob_owners:
+        return (f"{key} is the knob of {', '.join(knob_owners[key])}, and no swept method ({names}) has it: "
+                f"sweep one of those methods, or drop {key}")
+    return (f"{key} is a key of no swept method ({names}): see a method's keys with "
+            "`dynbert train method=<name> --cfg`")
 
 
 def _values(line: str) -> list[str]:
@@ -206,10 +269,10 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
     counts = {name: sum(s["status"] == name for s in statuses) for name in names}
     missing = total - len(statuses)
     table = Table(title=f"sweep {folder}")
-    for column in ("task", "method", "λ", "seed", "run", "status", "score", "FLOPs ratio", "note"):
+    for column in ("task", "method", "knob", "seed", "run", "status", "score", "FLOPs ratio", "note"):
         table.add_column(column)
     for s in statuses:
-        table.add_row(s["task"], s["method"], f"{s['lambda']:g}", str(s["seed"]), Path(s["run_dir"]).name,
+        table.add_row(s["task"], s["method"], s["knob"], str(s["seed"]), Path(s["run_dir"]).name,
                       s["status"], f"{s['score']:.4f}" if s.get("score") is not None else "",
                       f"{s['flops_ratio']:.3f}" if s.get("flops_ratio") is not None else "",
                       s.get("error", ""))
@@ -239,6 +302,7 @@ def job(cfg: DictConfig) -> str:
     status = dict(sweep_id=os.environ.get(_SWEEP_ID), task=cfg.task.name, method=cfg.method.name,
                   seed=cfg.seed, run_dir=str(run_dir))
     status["lambda"] = float(cfg["lambda"])
+    status["knob"] = str(cfg.method.knob)
     console = Console(stderr=True)
     label = f"{cfg.task.name} {cfg.method.name} {cfg.method.knob} seed={cfg.seed} ({run_dir.name})"
     try:

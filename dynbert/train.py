@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.nn import functional as F
 
 from . import __version__, stop
+from .config import knob_key
 from .core import GatedModel
 from .data import Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
@@ -111,6 +112,10 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
                        run_dir=str(run_dir), score_name=cfg.method.get("score"), precision=cfg.train.precision,
                        device=str(accelerator.device), model=cfg.model.name)
         metrics["lambda"] = lam
+        # What the report groups and labels runs by: the method's knob (None for the baseline).
+        knob = knob_key(cfg.method)
+        metrics["knob"] = knob
+        metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob))
         metrics["warnings"] = pruning_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -219,8 +224,13 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         state = _restore(load_checkpoint(checkpoint), checkpoint, gated, optimizer, scheduler)
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
+    method = gated.method  # the same module whether or not Accelerate wraps the model
+    if method.idle_parameters:
+        # Several processes: DDP waits for every parameter's gradient unless told some may have none.
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = accelerator.prepare(gated, optimizer)
-    method = gated.method  # the same module whether or not Accelerate wrapped the model
     method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
@@ -249,7 +259,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
         with stop.raising(), progress:
-            bar = progress.add_task(f"{spec.name} λ={lam:g}", total=total_steps, completed=state.step, stats="")
+            bar = progress.add_task(f"{spec.name} {cfg.method.name} {cfg.method.knob}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
                 method.begin_step(state.step, total_steps)
                 for micro in range(accumulate):

@@ -292,3 +292,53 @@ def test_figure_labels_do_not_collide(tmp_path):
     # The front skips the dominated λ=0.03 (more FLOPs and a lower score than λ=0.01).
     (front,) = [line for line in ax_t.get_lines() if line.get_label().startswith("Pareto")]
     assert list(front.get_xdata()) == pytest.approx([0.3005, 0.9505, 0.9525])
+
+
+def test_methods_side_by_side_each_with_its_own_rows_front_and_colour(tmp_path):
+    # Older files (no method, no knob) are the paper's gates over λ; the peers name their knob.
+    write_run(tmp_path, "sst2/gates-lambda0-seed0", score=0.92)
+    write_run(tmp_path, "sst2/gates-lambda0.1-seed0", score=0.90, flops_ratio=0.5, **{"lambda": 0.1})
+    write_run(tmp_path, "sst2/none-lambda0-seed0", baseline=True, method="none", knob=None, knob_value=None, score=0.93)
+    for keep, score, ratio in [(1.0, 0.91, 1.0), (0.5, 0.85, 0.6)]:
+        write_run(tmp_path, f"sst2/topk-keep{keep}-seed0", method="topk", knob="method.keep", knob_value=keep,
+                  score=score, flops_ratio=ratio, **{"lambda": 0.1})
+    write_run(tmp_path, "sst2/power_bert-lambda0.001-seed0", method="power_bert", knob="lambda", knob_value=0.001,
+              score=0.89, flops_ratio=0.4, **{"lambda": 0.001})
+
+    rows = summarize(load_runs(tmp_path)[0])
+    assert [(r["method"], r["knob"], r["knob_value"]) for r in rows] == [
+        ("none", None, None), ("gates", "lambda", 0.0), ("gates", "lambda", 0.1),
+        ("power_bert", "lambda", 0.001), ("topk", "method.keep", 0.5), ("topk", "method.keep", 1.0)]
+    delta = {(r["method"], r["knob_value"]): r["delta"] for r in rows}
+    assert delta[("topk", 0.5)] == pytest.approx(0.85 - 0.91)  # from the method's own keep = 1
+    assert delta[("gates", 0.1)] == pytest.approx(0.90 - 0.92)  # from its own λ = 0
+    assert delta[("power_bert", 0.001)] is None  # no λ = 0 run of its own
+    topk_half = next(r for r in rows if r["method"] == "topk" and r["knob_value"] == 0.5)
+    assert topk_half["lambda"] is None, "a top-k run's λ means nothing"
+
+    write_report(tmp_path, formats=("md", "csv"), console=quiet())
+    with open(tmp_path / "results.csv", newline="") as handle:
+        table = {row["run_dir"]: row for row in csv.DictReader(handle)}
+    assert table["sst2/gates-lambda0.1-seed0"]["method"] == "gates" and table["sst2/gates-lambda0.1-seed0"]["knob"] == "lambda"
+    assert table["sst2/topk-keep0.5-seed0"]["knob_value"] == "0.5"
+    md = (tmp_path / "report.md").read_text()
+    assert "| topk | keep | 0.5 |" in md and "| power_bert | λ | 0.001 |" in md
+
+    fig = plot_tradeoff(rows)
+    (ax,) = [ax for ax in fig.axes if ax.get_visible()]
+    fronts = {line.get_label(): line.get_color() for line in ax.get_lines() if line.get_label().startswith("Pareto")}
+    assert set(fronts) == {"Pareto front (gates)", "Pareto front (power_bert)", "Pareto front (topk)"}
+    assert len(set(fronts.values())) == 3, "one colour per method"
+    from matplotlib.text import Annotation
+    labels = {a.get_text() for a in ax.texts if isinstance(a, Annotation)}
+    assert labels == {"λ=0", "λ=0.1", "λ=0.001", "keep=0.5", "keep=1", "baseline"}
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["gates (label: λ)", "power_bert (label: λ)", "topk (label: keep)"]
+    assert "un-gated baseline" in legend
+
+
+def test_a_knob_without_its_value_is_a_bad_file(tmp_path):
+    write_run(tmp_path, "a", method="topk", knob="method.keep", knob_value=None)
+    write_run(tmp_path, "b", method=3)
+    runs, bad = load_runs(tmp_path)
+    assert runs == [] and "knob_value" in bad[0][1] and "'method'" in bad[1][1]

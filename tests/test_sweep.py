@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import matplotlib.image
+import pytest
 import torch
 
 from helpers import FAST, SYNTHETIC, dynbert_command, invoke, read_json, run_dynbert
@@ -164,3 +165,51 @@ def _processes_marked(mark: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_sweep_over_two_methods_runs_each_with_its_own_knob_and_the_report_shows_both(tmp_path):
+    """λ goes to gates, method.keep to top-k (gates has no keep: it would not even compose)."""
+    result = run_dynbert(*SWEEP, "method=gates,topk", "lambda=0.1", "method.keep=0.5,1.0", f"output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert summary(result.stderr) == "done 4, skipped (already complete) 0, failed 0"
+    assert {path.parent.name for path in tmp_path.glob("synthetic/*/metrics.json")} == {
+        "gates-lambda0.1-seed0", "topk-keep0.5-seed0", "topk-keep1.0-seed0", "none-lambda0-seed0"}
+    assert read_json(tmp_path / "synthetic" / "topk-keep0.5-seed0" / "metrics.json")["knob_value"] == 0.5
+
+    report = invoke("report", tmp_path)
+    assert report.exit_code == 0, report.output
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:5] == ["run_dir", "task", "method", "knob", "knob_value"]
+    assert sorted((row["method"], row["knob"], row["knob_value"]) for row in rows) == [
+        ("gates", "lambda", "0.1"), ("none", "", ""), ("topk", "method.keep", "0.5"), ("topk", "method.keep", "1.0")]
+    md = (tmp_path / "report.md").read_text()
+    assert "| gates | λ | 0.1 |" in md and "| topk | keep | 0.5 |" in md and "| none | — | baseline |" in md
+
+
+def test_plan_gives_each_method_its_own_grid_and_routes_keys_to_the_methods_that_have_them():
+    from dynbert.errors import DynbertError
+    from dynbert.sweep import plan_sweep
+
+    _, runs, _ = plan_sweep(["method=gates,power_bert,ltp,topk,random", "seed=0,1", "method.lr=0.01"])
+    by_method = {next(line for line in run if line.startswith("method=")): run for run in runs}
+    assert list(by_method) == ["method=gates", "method=power_bert", "method=ltp", "method=topk", "method=random",
+                               "method=none"]
+    assert "lambda=0,0.01,0.03,0.1,0.3,1" in by_method["method=gates"]
+    assert "lambda=0,0.0001,0.0003,0.001,0.003,0.007" in by_method["method=power_bert"]
+    assert "lambda=0,0.01,0.02,0.05,0.1,0.2" in by_method["method=ltp"]
+    for keep_method in ("method=topk", "method=random"):
+        assert "method.keep=0.1,0.2,0.3,0.5,0.7,1.0" in by_method[keep_method]
+        assert not any(line.startswith(("lambda", "method.lr")) for line in by_method[keep_method])
+    assert all("seed=0,1" in run for run in runs)  # every method, the baseline too
+    assert "method.lr=0.01" in by_method["method=ltp"]  # a method.* key goes where the key exists
+    assert by_method["method=none"][:2] == ["method=none", "lambda=0"]
+
+    # A knob on the command line replaces the grid of the methods whose knob it is, and only theirs.
+    _, runs, _ = plan_sweep(["method=gates,ltp,random", "lambda=0,0.5"])
+    assert sum("lambda=0,0.5" in run for run in runs) == 2
+    # A key that no swept method has is one sentence, before anything runs.
+    with pytest.raises(DynbertError, match="method.keep is the knob of random, topk"):
+        plan_sweep(["method=gates,ltp", "method.keep=0.5"])
+    with pytest.raises(DynbertError, match="lambda is the knob of .*no swept method \\(topk\\)"):
+        plan_sweep(["method=topk", "lambda=0,0.1"])

@@ -10,6 +10,10 @@ from omegaconf import DictConfig
 
 from ..core import TokenPruner
 from .gates import Gates
+from .ltp import LearnedTokenPruning
+from .power_bert import PowerBert
+from .random_tokens import RandomTokens
+from .topk import TopK
 
 
 class NoPruning(TokenPruner):
@@ -37,4 +41,13 @@ def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: i
                      monotone=cfg.monotone, layer_weighting=cfg.layer_weighting, sparsity=cfg.sparsity,
                      bimodal_weight=cfg.bimodal_weight, bimodal_schedule=cfg.bimodal_schedule, lr=cfg.lr,
                      start=cfg.start, harden_at=cfg.harden_at)
+    if cfg.name == "power_bert":
+        return PowerBert(layers, max_length, lr=cfg.lr, start=cfg.start, retrain_at=cfg.retrain_at)
+    if cfg.name == "ltp":
+        return LearnedTokenPruning(layers, max_length, num_layers, num_heads, threshold=cfg.threshold,
+                                   temperature=cfg.temperature, lr=cfg.lr, start=cfg.start, freeze_at=cfg.freeze_at)
+    if cfg.name == "topk":
+        return TopK(layers, max_length, num_layers, keep=cfg.keep)
+    if cfg.name == "random":
+        return RandomTokens(layers, max_length, num_layers, keep=cfg.keep, seed=cfg.seed)
     raise ValueError(f"unknown method {cfg.name!r}")

@@ -1,0 +1,108 @@
+"""LTP, Learned Token Pruning (Kim et al., KDD 2022): a learned score threshold per layer.
+
+Public code: kssteven418/LTP (``src/transformers/models/ltp/``, ``trainer.py``). A token's score
+in pruned layer l is the attention probability it receives, averaged over heads and present queries,
+
+    s_i = (1 / (H · n_q)) Σ_h Σ_q A[h, q, i],
+
+and the layer's threshold is θ_l = base_l + δ_l, with base_l = threshold · (l + 1)/L (their
+``final_token_threshold``, default 0.01, reached at the last layer) and δ_l learned (init 0, its
+own lr). Three stages in one run, each a fraction of training:
+
+1. fine-tune (until ``start``; LTP starts from a fine-tuned checkpoint): every token kept;
+2. soft thresholds (until ``freeze_at``, or the end when it is null): each token is weighted by
+   m = sigmoid((s − θ_l) / T) and the loss adds λ · Σ_l mean(m_l) over the batch's real tokens;
+3. hard thresholds (from ``freeze_at``): θ frozen, weights exactly 1[s ≥ θ_l] while the model is
+   fine-tuned (their second run, ``masking_mode hard``).
+
+At inference a layer keeps the present tokens with s ≥ θ_l (and CLS), physically gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner
+from .stages import lr_decay, reached
+
+FINE_TUNE, SOFT, HARD = 0, 1, 2
+"""The stages, in order (``LearnedTokenPruning.stage``)."""
+
+
+class LearnedTokenPruning(TokenPruner):
+    """A threshold per layer on the head- and query-averaged attention a token receives."""
+
+    name = "ltp"
+    idle_parameters = True  # stages 1 and 3 give the thresholds no gradient
+    never_pruned_advice = ("raise lambda or method.threshold, or give the thresholds more of training "
+                           "(method.start earlier, method.freeze_at later)")
+    undecided_advice = "lower method.temperature, or let the thresholds freeze before the end (method.freeze_at)"
+
+    def __init__(self, layers: list[int], max_length: int, num_layers: int, num_heads: int,
+                 threshold: float = 0.01, temperature: float = 1e-3, lr: float = 2e-5, start: float = 0.33,
+                 freeze_at: float | None = 0.67):
+        super().__init__(layers, max_length)
+        if temperature <= 0:
+            raise ValueError(f"method.temperature={temperature} must be > 0")
+        if freeze_at is not None and not start < freeze_at:
+            raise ValueError(f"method.start={start} must come before method.freeze_at={freeze_at}")
+        self.num_heads, self.temperature = num_heads, temperature
+        self.lr, self.start, self.freeze_at = lr, start, freeze_at
+        self.register_buffer("base", torch.tensor([threshold * (layer + 1) / num_layers for layer in layers]),
+                             persistent=False)
+        self.offsets = nn.Parameter(torch.zeros(len(layers)))
+        # Saved with the model: a trained (hardened) model decides 0/1 in soft mode too, once reloaded.
+        self.register_buffer("stage", torch.tensor(SOFT))
+
+    def thresholds(self) -> torch.Tensor:
+        """θ_l = base_l + δ_l, one per pruned layer."""
+        return self.base + self.offsets
+
+    def prepare(self, hard: bool):
+        """(θ, the stage the decisions follow, hard mode: which layers keep every token).
+
+        Hard mode decides as stage 3 does. Read once here, not per layer: each read of a GPU
+        tensor into Python waits for the GPU.
+        """
+        thresholds = self.thresholds()
+        if hard:
+            thresholds = thresholds.detach()
+            return thresholds, HARD, (thresholds <= 0).tolist()  # scores are >= 0
+        return thresholds, int(self.stage), None
+
+    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+        thresholds, stage, _ = values
+        present_queries = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
+        score = tokens.score / (self.num_heads * present_queries)
+        if stage == HARD:
+            return (score >= thresholds[row]).to(score.dtype)
+        if stage == FINE_TUNE:
+            return torch.ones_like(score)
+        return torch.sigmoid((score - thresholds[row]) / self.temperature)
+
+    def keeps_all(self, values, row: int, length: int) -> bool:
+        return values[2][row]
+
+    def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
+        if int(self.stage) != SOFT:
+            return None
+        kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
+        sparsity = lam * kept_mean.sum()
+        return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
+
+    def param_groups(self) -> list[dict]:
+        end = 1.0 if self.freeze_at is None else self.freeze_at
+        return [dict(params=[self.offsets], lr=self.lr, weight_decay=0.0, schedule=lr_decay(self.start, end))]
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        if reached(step, total_steps, self.freeze_at):
+            stage = HARD
+        elif reached(step, total_steps, self.start):
+            stage = SOFT
+        else:
+            stage = FINE_TUNE
+        self.stage.fill_(stage)
+
+    def harden_(self) -> None:
+        self.stage.fill_(HARD)

@@ -1,0 +1,113 @@
+"""PoWER-BERT (Goyal et al., ICML 2020): search how many tokens each layer keeps, then retrain.
+
+Public code: IBM/PoWER-BERT ``model/model.py`` (Keras). Three stages in one run, each a fraction
+of training:
+
+1. fine-tune (until ``start``): retention weights frozen at 1, no regularizer;
+2. soft-extract search (until ``retrain_at``): in pruned layer l the token at rank j (CLS first,
+   then by attention received) is multiplied by a retention weight W_lj in [0, 1] (init 1,
+   clipped back into [0, 1] after every step, their Keras constraint), and the loss adds
+   PoWER-BERT's L1 term (a sum over ranks, l 1-based)
+
+       λ · Σ_l l · Σ_j W_lj
+
+3. retraining (to the end): the retention k_l = ⌊Σ_j W_lj⌋ (their ``int(np.sum(W))``), made
+   non-increasing over the layers, is fixed once (a buffer: saved, loaded and checkpointed), and
+   each layer keeps CLS and
+   the k_l − 1 present tokens with the highest score, in their original order (an input with fewer
+   tokens keeps them all). Decisions are exactly 0/1 from here on, so training computes what the
+   gathered model does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import LayerTokens, RegularizerParts, TokenPruner, rank_tokens
+from .gates import TokenGates
+from .stages import lr_window, reached
+
+
+# A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
+_FLOOR_SLACK = 1e-4
+
+
+def retention_from(weights: torch.Tensor) -> torch.Tensor:
+    """k_l = ⌊Σ_j W_lj⌋ (CLS's weight, 1, counted), at least 1, then non-increasing over layers: a
+    layer keeps no more than the one before it (their ``get_configuration``)."""
+    with torch.no_grad():
+        counts = torch.floor(weights.sum(dim=1) + _FLOOR_SLACK).long().clamp(1, weights.size(1))
+        return torch.cummin(counts, dim=0).values
+
+
+class PowerBert(TokenPruner):
+    """Retention weights per (layer, rank), searched under an L1 pull; then a fixed top-k_l per layer."""
+
+    name = "power_bert"
+    idle_parameters = True  # the weights are used in no loss once the retention is fixed
+    never_pruned_advice = ("raise lambda or method.lr, or give the search more of training "
+                           "(method.start earlier, method.retrain_at later)")
+
+    def __init__(self, layers: list[int], max_length: int, lr: float = 3e-3, start: float = 0.33,
+                 retrain_at: float = 0.67):
+        super().__init__(layers, max_length)
+        if not 0 <= start < retrain_at <= 1:
+            raise ValueError(f"method.start={start} must come before method.retrain_at={retrain_at} "
+                             "(both fractions of training)")
+        self.retention_weights = TokenGates(len(layers), max_length, "clip")
+        self.register_buffer("depth", torch.tensor([layer + 1.0 for layer in layers]), persistent=False)
+        # k_l once fixed; 0 until the retraining stage (a fixed k_l is at least 1: CLS).
+        self.register_buffer("retention", torch.zeros(len(layers), dtype=torch.long))
+        self.lr, self.start, self.retrain_at = lr, start, retrain_at
+
+    @property
+    def retention_fixed(self) -> bool:
+        return bool(self.retention.min() > 0)
+
+    def current_retention(self) -> torch.Tensor:
+        """k_l: the fixed one, or what the search's weights would give now."""
+        return self.retention if self.retention_fixed else retention_from(self.retention_weights())
+
+    @torch.no_grad()
+    def fix_retention_(self) -> None:
+        self.retention.copy_(retention_from(self.retention_weights()))
+
+    def prepare(self, hard: bool):
+        """(k_l per layer, None) once decisions are 0/1 (hard mode, retraining); else (None, W)."""
+        if hard or self.retention_fixed:
+            return self.current_retention().tolist(), None
+        return None, self.retention_weights()
+
+    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+        counts, weights = values
+        rank = rank_tokens(tokens.score, tokens.alive)
+        if counts is not None:
+            return (rank < counts[row]).to(tokens.score.dtype)
+        return weights[row].gather(0, rank.flatten()).view_as(rank)
+
+    def keeps_all(self, values, row: int, length: int) -> bool:
+        counts, _ = values
+        return counts[row] >= length
+
+    def regularizer(self, out, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
+        searching = reached(step, total_steps, self.start) and not reached(step, total_steps, self.retrain_at)
+        if not searching or self.retention_fixed:
+            return None
+        sparsity = lam * (self.depth * self.retention_weights().sum(dim=1)).sum()
+        return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
+
+    def param_groups(self) -> list[dict]:
+        return [dict(params=[self.retention_weights.raw], lr=self.lr, weight_decay=0.0,
+                     schedule=lr_window(self.start, self.retrain_at))]
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        if reached(step, total_steps, self.retrain_at) and not self.retention_fixed:
+            self.fix_retention_()
+
+    def after_step(self) -> None:
+        self.retention_weights.project_()
+
+    def harden_(self) -> None:
+        """A run that ends before retraining began is evaluated with the retention it reached."""
+        if not self.retention_fixed:
+            self.fix_retention_()
