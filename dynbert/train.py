@@ -22,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn import functional as F
 
 from . import __version__, stop
-from .core import GatedModel
-from .data import Encoded, collate, encode, epoch_batches, load_splits
+from .core import GatedModel, GatedOutput, RegularizerParts
+from .data import Batch, Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
 from .evaluate import evaluate, pruning_warnings
 from .modeling import build_model, load_model, make_gated_model, save_model
@@ -207,8 +207,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
     model, optimizer = accelerator.prepare(gated, optimizer)
-    method = gated.method  # the same module whether or not Accelerate wrapped the model
-    method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
+    gated.method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     model.train()
@@ -238,32 +237,15 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         with stop.raising(), progress:
             bar = progress.add_task(f"{spec.name} λ={lam:g}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
-                method.begin_step(state.step, total_steps)
+                micro_batches = []
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
-                    batch = collate(data, indices[rank::world] or indices[:1]).to(accelerator.device)
-                    last = micro == accumulate - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        with accelerator.autocast():
-                            out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                        loss_task = task_loss(out.logits, batch.labels, spec)
-                        parts = method.regularizer(out, lam, state.step, total_steps)
-                        loss = loss_task if parts is None else loss_task + parts.total
-                        if not torch.isfinite(loss):
-                            detail = f"task {loss_task.item():.4g}"
-                            if parts is not None:
-                                detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
-                            raise not_finite("loss", detail)
-                        accelerator.backward(loss / accumulate)
-                grad_norm = accelerator.clip_grad_norm_(gated.model.parameters(), tcfg.max_grad_norm)
-                # A finite loss can still have an infinite gradient: stop before it reaches the weights
-                # (and the next checkpoint). With fp16 loss scaling, the scaler skips such steps itself.
-                if not torch.isfinite(grad_norm) and cfg.train.precision != "fp16":
-                    raise not_finite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step()
+                    micro_batches.append(collate(data, indices[rank::world] or indices[:1]).to(accelerator.device))
+                try:
+                    loss_task, parts, out = train_step(model, gated, micro_batches, state.step, total_steps, cfg,
+                                                       spec, optimizer, scheduler, accelerator)
+                except NotFinite as error:
+                    raise not_finite(error.what, error.detail) from None
                 state.step += 1
 
                 speed = (state.step - first_step) * tcfg.batch_size * accumulate / (time.perf_counter() - started)
@@ -284,6 +266,54 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                                   exit_code=128 + signum) from None
     state.seconds = seconds_before + time.perf_counter() - started
     return state
+
+
+class NotFinite(DynbertError):
+    """A loss or gradient that is not finite: the step stopped before it reached the weights."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what} is not finite ({detail})")
+        self.what, self.detail = what, detail
+
+
+def train_step(model, gated: GatedModel, micro_batches: list[Batch], step: int, total_steps: int,
+               cfg: DictConfig, spec: TaskSpec, optimizer, scheduler,
+               accelerator) -> tuple[torch.Tensor, RegularizerParts | None, GatedOutput]:
+    """One optimizer step, what `fit` and `dynbert bench --train` both run: for each micro-batch the
+    forward, the task loss plus the method's regularizer, and the backward; then clipping, AdamW,
+    the lr schedule and the method's projection.
+
+    ``model`` is ``gated`` as ``accelerator.prepare`` returned it (perhaps wrapped): the method and
+    the parameters to clip are read from ``gated``, whichever it is (the bench passes plain HF models
+    in a wrapper with the same ``model``, ``method`` and call). Returns the last micro-batch's task
+    loss, regularizer parts and output; raises ``NotFinite`` before a bad step changes a weight.
+    """
+    method, lam = gated.method, float(cfg["lambda"])
+    method.begin_step(step, total_steps)
+    for micro, batch in enumerate(micro_batches):
+        last = micro == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            loss_task = task_loss(out.logits, batch.labels, spec)
+            parts = method.regularizer(out, lam, step, total_steps)
+            loss = loss_task if parts is None else loss_task + parts.total
+            if not torch.isfinite(loss):
+                detail = f"task {loss_task.item():.4g}"
+                if parts is not None:
+                    detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
+                raise NotFinite("loss", detail)
+            accelerator.backward(loss / len(micro_batches))
+    grad_norm = accelerator.clip_grad_norm_(gated.model.parameters(), cfg.train.max_grad_norm)
+    # A finite loss can still have an infinite gradient: stop before it reaches the weights (and the
+    # next checkpoint). With fp16 loss scaling, the scaler skips such steps itself.
+    if not torch.isfinite(grad_norm) and cfg.train.precision != "fp16":
+        raise NotFinite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step()
+    return loss_task, parts, out
 
 
 def _step_batch(data: Encoded, cfg: DictConfig, batch_number: int, cache: dict) -> list[int]:
