@@ -7,8 +7,8 @@ examples:
 
 - ``plain``: the family's own HF ``*ForSequenceClassification`` (sdpa attention, no pruning) in
   the same step, batches in random order, fp32: the denominator of every ratio;
-- ``gated``: the run config's method (the paper's gates by default) as training runs it (soft
-  mode, scoring in every pruned layer, the regularizer), random order, fp32;
+- ``gated``: the default method (the paper's gates, ``conf/method/gates.yaml``) as training runs
+  it (soft mode, scoring in every pruned layer, the regularizer), random order, fp32;
 - ``gated+grouped``: the same with length-grouped batches (``data.epoch_batches``,
   ``train.group_by_length=true``): the same examples, batches of similar lengths, less padding;
 - ``gated+grouped+bf16``: and ``train.precision=bf16`` (Accelerate's autocast over fp32 master
@@ -47,7 +47,7 @@ from torch import nn
 
 from dynbert.bench import check_out, machine, resolve_device, synchronize
 from dynbert.config import compose_config
-from dynbert.data import collate, encode, epoch_batches, load_splits
+from dynbert.data import GROUP_CHUNK_BATCHES, collate, encode, epoch_batches, load_splits
 from dynbert.encoders import adapter_for
 from dynbert.errors import DynbertError, atomic_write_json
 from dynbert.methods import NoPruning
@@ -74,8 +74,8 @@ TARGETS = (("gated", "plain", 0.95), ("gated+grouped", "gated", 1.5),
            ("gated+grouped+bf16", "gated+grouped", 1.3), ("gated+grouped+bf16", "plain", 2.0))
 """(setting, the setting it is compared with, the issue's lowest ratio of examples per second)."""
 
-FULL = dict(steps=50, rounds=3, warmup=3)
-"""50 steps: one grouping chunk (``data.GROUP_CHUNK_BATCHES``), so batches group as in training."""
+FULL = dict(steps=GROUP_CHUNK_BATCHES, rounds=3, warmup=3)
+"""One grouping chunk of steps, so the pool's batches group as training groups them."""
 QUICK = dict(steps=4, rounds=3, warmup=1)
 
 
