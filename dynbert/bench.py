@@ -2,31 +2,45 @@
 
 Token-pruning code that only *masks* closed tokens (the public code of LTP and Transkimmer) cuts
 FLOPs on paper and saves no time. dynbert gathers the kept tokens, so later layers run on shorter
-sequences; this module measures that, apart from training (nanoGPT's ``bench.py`` idea).
+sequences; this module measures that, apart from training (nanoGPT's ``bench.py`` idea). The
+training loop's own speed is measured by ``train_bench.py`` (``dynbert bench --train``).
 
-For each (schedule, mode, batch size, length) it times one forward pass against plain Hugging
-Face BERT (sdpa attention, no gates) on the same inputs:
+For each (schedule, mode, batch size, length) it times one forward pass against the plain Hugging
+Face classifier of the same family (``*ForSequenceClassification``, sdpa attention, no pruning) on
+the same inputs:
 
-- schedule: how many tokens each layer keeps. ``full`` (nothing pruned); ``keep70`` ...
-  ``keep10`` (the first gated layer keeps ceil(f·L) tokens, later layers keep what remains);
-  ``power`` (a PoWER-BERT-like schedule: after gated layer l, ceil(L · 0.15^((l+1)/n)) tokens, so
-  the last layer keeps 15%); ``learned`` (the given model's own gates, as they are).
-  A schedule only sets the gate values; the mask matching module scores and ranks the tokens
-  for real (the model's score, plus the other score for ``keep50`` so the two can be compared).
+- schedule: how many tokens each pruned layer keeps. ``full`` (nothing pruned); ``keep70`` ...
+  ``keep10`` (the first pruned layer keeps ceil(f·L) tokens, later layers keep what remains);
+  ``power`` (a PoWER-BERT-like schedule: after pruned layer l, ceil(L · 0.15^((l+1)/n)) tokens, so
+  the last layer keeps 15%); ``learned`` (a trained run's own method, whatever it is, as trained).
+  Fixed schedules run the paper's gates method with 0/1 gates on the same weights: the kernel
+  still scores and ranks the tokens for real (with the model's score, plus the other score for
+  ``keep50`` so the two can be compared), only the number kept is fixed.
 - mode: ``gather`` (hard mode, tokens physically removed) or ``mask`` (soft mode with the same
-  0/1 gates: the masking-only approach; same math, nothing removed).
+  decisions: the masking-only approach; same math, nothing removed).
 
-Per row: ``flops_ratio_analytic`` (``core.flops_per_example`` for the kept schedule over the
-un-pruned one), ``flops_ratio_measured`` (torch's FLOP counter on the batch-of-one forward that
-the row runs, over plain BERT's; for ``mask`` rows that is the masked forward, ~1.0: masking saves
-nothing), ``seconds_median``, ``speedup`` (plain seconds / these seconds) and ``efficiency``
-(speed-up x FLOPs ratio = speed-up ÷ FLOPs reduction; 1.0 means the time falls as the FLOPs do).
+The model: random weights of an encoder family's default sizes (``bert``, and every family with
+an adapter in ``encoders/``), a local checkpoint folder's config (random weights: time depends on
+shapes, not values), or a trained run (its weights and its method). Every model runs through the
+engine's encoder adapter; nothing here knows a family's modules.
+
+Per row: ``flops_ratio_analytic`` (``core.flops_ratio`` of ``GatedModel.flops``: the kept schedule
+over the un-pruned one), ``flops_ratio_measured`` (torch's FLOP counter on the batch-of-one forward
+that the row runs, over the plain model's; for ``mask`` rows that is the masked forward, ~1.0:
+masking saves nothing), ``seconds_median``, ``speedup`` (plain seconds / these seconds) and
+``efficiency`` (speed-up x FLOPs ratio = speed-up ÷ FLOPs reduction; 1.0 means the time falls as
+the FLOPs do).
 
 Timing runs round-robin (one forward of every configuration per round, for a group of one batch
 size and length), so a noisy neighbour slows every configuration alike; the median over rounds is
 reported (``seconds_min`` too). Warm-up runs one forward per distinct set of kernels and shapes.
-FLOPs are counted under ``no_grad`` (the counter sees nothing under ``inference_mode``), timing
-runs under ``inference_mode``.
+On CUDA every timed forward sits between two ``torch.cuda.synchronize()`` calls, so the clock
+reads the GPU's work, not the launch. FLOPs are counted under ``no_grad`` (the counter sees nothing
+under ``inference_mode``), timing runs under ``inference_mode``.
+
+``dtype`` bf16 or fp16 converts both models (``.to(dtype)``), as one deploys them: ``torch.autocast``
+would re-cast the fp32 weights on every forward, ~12% of a batch-1 forward on the 2-core machine
+of the README figures. fp16 needs CUDA (CPUs have no fast fp16 products).
 
 Batch 1 cannot follow the FLOPs all the way: a layer's six weight products must read its weights
 (7.1 M parameters, ~28 MB in fp32 for BERT-base) whatever the token count, and a CPU GEMM with
@@ -35,8 +49,6 @@ products took 1.8 ms for 1 token (the weight read, ~15 GB/s), 3.1 ms for 13 and 
 time ≈ a floor + a per-token cost, so keeping 10% of 128 tokens gives ~3× rather than ~8×. In a
 batch of 32 the floor is shared by 32 × L rows and time follows the FLOPs. bf16 halves the bytes
 (and on CPUs with AVX512-BF16 or AMX doubles the product rate): 0.5 ms floor, 4.7 ms at 128 tokens.
-``dtype="bf16"`` runs both models under ``torch.autocast``, which re-casts the fp32 weights on every
-forward (~12% of a batch-1 forward); a model converted with ``.to(torch.bfloat16)`` avoids that.
 """
 
 from __future__ import annotations
@@ -53,91 +65,120 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
-from transformers import BertConfig, BertForSequenceClassification
+from torch import nn
 
-from dynbert.core import SCORES, GatedModel, baseline_kept, count_matmul_flops, flops_per_example
-from dynbert.methods.gates import Gates, gate_regularizer, layer_weights
+from dynbert.core import SCORES, GatedModel, count_matmul_flops, flops_ratio
+from dynbert.encoders import adapter_class, adapter_for, supported_model_types
 from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
+from dynbert.methods.gates import Gates
 
 SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power", "learned")
 DEFAULT_SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power")
 MODES = ("gather", "mask")
-DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLAIN = "plain"
-"""Schedule and mode name of the reference rows: HF's own BERT forward (sdpa), no gates."""
+"""Schedule and mode name of the reference rows: the family's own HF forward (sdpa), no pruning."""
 
 COMPARE_SCORE_ON = ("keep50",)
 """Schedules also benched with the score(s) the model does not use."""
 POWER_LAST_FRACTION = 0.15
 """``power``: the fraction of tokens the last layer keeps; earlier layers decay geometrically."""
 
-QUICK_MODEL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
-"""``quick``: a small BERT, so a smoke run finishes in seconds. Full mode: BertConfig defaults."""
+DEFAULT_FAMILY = "bert"
+QUICK_SIZES = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+"""``quick`` with a family: these sizes, so a smoke run finishes in seconds. Full mode: the family's
+defaults (BERT-base for ``bert``)."""
 
-FULL = dict(batch_sizes=(1, 32), seq_lens=(128, 64), budget_s=25.0, train_batch=8, train_len=128)
-QUICK = dict(batch_sizes=(1, 8), seq_lens=(64,), budget_s=0.0, train_batch=4, train_len=64)
+FULL = dict(batch_sizes=(1, 32), seq_lens=(128, 64), budget_s=25.0)
+QUICK = dict(batch_sizes=(1, 8), seq_lens=(64,), budget_s=0.0)
 MIN_ROUNDS, MAX_ROUNDS, QUICK_ROUNDS = 3, 15, 3
 """Timed rounds per group: in full mode as many as fit ``budget_s`` seconds, within these bounds."""
-TRAIN_STEPS = 5
-"""Timed optimizer steps for the training overhead (after one warm-up step), median reported."""
-HARD_FULL_ROUNDS = 8
-"""Timed rounds for the nothing-pruned hard-mode overhead (full mode)."""
 
 BENCH_FILE = "bench.json"
 
 
-def bench_json_path(out: str | os.PathLike) -> Path:
-    """Where ``run_bench`` writes: ``out`` itself if it ends in ``.json``, else ``out/bench.json``."""
+def result_path(out: str | os.PathLike, file_name: str = BENCH_FILE) -> Path:
+    """Where a bench writes: ``out`` itself if it ends in ``.json``, else ``out/file_name``."""
     out = Path(out)
-    return out if out.suffix == ".json" else out / BENCH_FILE
+    return out if out.suffix == ".json" else out / file_name
+
+
+def check_out(out: str | os.PathLike, file_name: str) -> Path:
+    """The result's path, or one sentence on why it cannot be written there."""
+    path = result_path(out, file_name)
+    if path.is_dir():
+        raise DynbertError(f"--out {out} is a folder named like a JSON file: pass another path")
+    check_writable_folder(path.parent, "--out")
+    return path
+
+
+def resolve_device(device: str, dtype: str = "fp32") -> torch.device:
+    """The device to time on (``auto``: CUDA when there is one), or one sentence on why not."""
+    if device not in DEVICES:
+        raise DynbertError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise DynbertError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise DynbertError("--device cuda but no CUDA GPU is visible: pass --device auto or cpu")
+    resolved = torch.device("cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu")
+    if dtype == "fp16" and resolved.type != "cuda":
+        raise DynbertError("--dtype fp16 needs a CUDA GPU (CPUs have no fast fp16 products): pass --dtype "
+                           "bf16 or fp32 on this machine")
+    if dtype == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DynbertError("--dtype bf16 needs a GPU with bfloat16 support: pass --dtype fp16 or fp32")
+    return resolved
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a clock read after it counts that work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The inference benchmark
 
 
 @dataclass
 class _Config:
-    """One timed configuration of a group: plain BERT, or the gated model in one setting."""
+    """One timed configuration of a group: the plain model, or a pruned one in one mode."""
 
     schedule: str
     mode: str
     score: str | None
-    raw: torch.Tensor | None = None
-    """Gate raw values that realise the schedule at this length (None for plain)."""
+    model: nn.Module
 
 
-def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
+def run_bench(*, quick: bool = False, model: str | os.PathLike | None = None, model_config: dict | None = None,
+              run: str | os.PathLike | GatedModel | None = None, batch_sizes: Sequence[int] | None = None,
               seq_lens: Sequence[int] | None = None, schedules: Sequence[str] | None = None,
-              dtype: str = "fp32", model: GatedModel | None = None,
-              model_config: BertConfig | dict | None = None, threads: int | None = None,
-              repeats: int | None = None, warmup: int = 1, out: str | os.PathLike,
-              console=None) -> dict:
-    """Time gathered and masked pruning against plain BERT; write and return ``bench.json``.
+              device: str = "auto", dtype: str = "fp32", threads: int | None = None, repeats: int | None = None,
+              warmup: int = 1, out: str | os.PathLike, console=None) -> dict:
+    """Time gathered and masked pruning against the plain classifier; write and return ``bench.json``.
 
-    ``quick``: a small model, batch 1 and 8, length 64, 3 rounds: a smoke test (seconds).
-    ``batch_sizes``/``seq_lens``: default (1, 32) and (128, 64); quick (1, 8) and (64,). With a
-    ``model``, the default lengths are those within its gates' ``max_length`` (else that length).
-    ``schedules``: names from ``SCHEDULES``; default all but ``learned``, plus ``learned`` when a
-    ``model`` is given. ``model``: a GatedModel to bench (its weights, gates, gated layers and score);
-    it is left as it was found. Without it, random weights of ``model_config`` (default: BERT-base
-    sizes; quick: ``QUICK_MODEL``), gated at every layer, score ``attention_received``.
-    ``dtype``: ``fp32`` or ``bf16`` (``torch.autocast`` on CPU). ``threads``: torch threads for
-    the run (restored after). ``repeats``: timed rounds per (batch, length) group; default 3 in
-    quick mode, else as many as fit ~25 s (3 to 15). ``warmup``: untimed rounds first
-    (one forward per distinct kernel set and shape). ``out``: a folder (``out/bench.json``) or a ``.json`` file path; see ``bench_json_path``.
+    ``quick``: batch 1 and 8, length 64, 3 rounds, and a family's model at ``QUICK_SIZES``: a
+    smoke test (seconds). ``model``: a family name (default ``bert``; see
+    ``encoders.supported_model_types()``) or a checkpoint folder (its config.json), random weights
+    either way. ``model_config``: sizes to set on that config, by BERT's names (``hidden_size``,
+    ``num_hidden_layers``, ...), instead of the quick sizes. ``run``: a trained run's folder (or its
+    loaded ``GatedModel``, left untouched): its weights; adds the ``learned`` schedule, its own method.
+    ``batch_sizes``/``seq_lens``: default (1, 32) and (128, 64); quick (1, 8) and (64,); with a run,
+    the default lengths are those within its ``max_length`` (else that length). ``schedules``: names
+    from ``SCHEDULES``; default all but ``learned``, plus ``learned`` with a run. ``device``: auto,
+    cpu or cuda. ``dtype``: fp32, bf16 or fp16 (CUDA only), a converted model. ``threads``: torch
+    threads (restored after). ``repeats``: timed rounds per (batch, length) group; default 3 in
+    quick mode, else as many as fit ~25 s (3 to 15). ``warmup``: untimed rounds first. ``out``: a
+    folder (``out/bench.json``) or a ``.json`` path.
     """
     from rich.console import Console
 
     console = console or Console()
-    path = bench_json_path(out)
-    if path.is_dir():
-        raise DynbertError(f"--out {out} is a folder named like a JSON file: pass another path")
-    check_writable_folder(path.parent, "--out")
+    path = check_out(out, BENCH_FILE)
+    torch_device = resolve_device(device, dtype)
     preset = QUICK if quick else FULL
-    batch_sizes = _positive_ints(batch_sizes or preset["batch_sizes"], "batch size")
-    if not seq_lens and model is not None:  # a trained model's gates cover its own max length only
-        seq_lens = [length for length in preset["seq_lens"] if length <= model.max_length] or [model.max_length]
-    seq_lens = _positive_ints(seq_lens or preset["seq_lens"], "sequence length")
-    if dtype not in DTYPES:
-        raise DynbertError(f"unknown dtype {dtype!r}; expected one of {DTYPES}")
+    batch_sizes = _positive_ints(batch_sizes or preset["batch_sizes"], "batch size", 1)
     if repeats is not None and repeats < 1:
         raise DynbertError(f"repeats must be at least 1, got {repeats}")
     if warmup < 0:
@@ -145,45 +186,38 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
     if threads is not None and threads < 1:
         raise DynbertError(f"threads must be at least 1, got {threads}")
     if schedules is None:
-        schedules = DEFAULT_SCHEDULES + (("learned",) if model is not None else ())
+        schedules = DEFAULT_SCHEDULES + (("learned",) if run is not None else ())
     schedules = list(dict.fromkeys(schedules))
     unknown = [name for name in schedules if name not in SCHEDULES]
     if unknown:
         raise DynbertError(f"unknown schedule(s) {unknown}; expected names from {SCHEDULES}")
-    if "learned" in schedules and model is None:
-        raise DynbertError("schedule 'learned' needs a trained model: it benches the model's own gates")
-    if model is not None and model_config is not None:
-        raise DynbertError("give either a model or a model_config, not both")
-    if model is not None and not model.pruned_layers:
-        raise DynbertError("the model prunes no layer (a method=none run): there is nothing to prune; "
-                           "bench a pruned run, or no run for random BERT-base weights")
-    if model is not None and not isinstance(model.method, Gates):
-        raise DynbertError(f"bench --run times runs of method=gates; this run used {model.method.name}")
+    if "learned" in schedules and run is None:
+        raise DynbertError("schedule 'learned' needs a trained run: it benches the run's own method")
+    if run is not None and (model is not None or model_config is not None):
+        raise DynbertError("give either a run or a model (and its sizes), not both: a run brings its own model")
+    config = None if run is not None else _random_model_config(model, model_config, quick)
+    source = str(model or DEFAULT_FAMILY) if run is None else "run" if isinstance(run, GatedModel) else str(run)
+    if run is not None and not isinstance(run, GatedModel):
+        from dynbert.train import load_run
+
+        run = load_run(Path(run))
+    if run is not None and not run.pruned_layers:
+        raise DynbertError("the run prunes no layer (a method=none run): there is nothing to prune; "
+                           "bench a pruned run, or no run for random weights")
+    if not seq_lens and run is not None:  # a trained method covers its own max length only
+        seq_lens = [length for length in preset["seq_lens"] if length <= run.max_length] or [run.max_length]
+    seq_lens = _positive_ints(seq_lens or preset["seq_lens"], "sequence length", 2)
+    if run is not None and max(seq_lens) > run.max_length:
+        raise DynbertError(f"sequence length {max(seq_lens)} exceeds the run's max_length {run.max_length}")
 
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        if model is None:
-            gated, plain = _random_models(model_config if model_config is not None
-                                          else (QUICK_MODEL if quick else {}), max(seq_lens), preset["train_len"])
-        else:
-            gated, plain = model, _plain_copy(model)
-        too_long = [length for length in seq_lens if length > gated.max_length]
-        if too_long:
-            raise DynbertError(f"sequence length(s) {too_long} exceed the model's gate length "
-                               f"{gated.max_length}")
-        # The schedules overwrite the gates and the score: leave a given model as it was found.
-        found = (gated.training, gated.method.score, gated.method.gates.raw.detach().clone())
-        try:
-            result = _bench(gated, plain, quick=quick, preset=preset, batch_sizes=batch_sizes,
-                            seq_lens=seq_lens, schedules=schedules, dtype=dtype, repeats=repeats,
-                            warmup=warmup, console=console)
-        finally:
-            training, gated.method.score, raw = found
-            with torch.no_grad():
-                gated.method.gates.raw.copy_(raw)
-            gated.train(training)
+        plain, pruned = _models(config, run, seq_lens, torch_device, DTYPES[dtype])
+        result = _bench(plain, pruned, run, quick=quick, preset=preset, batch_sizes=batch_sizes, seq_lens=seq_lens,
+                        schedules=schedules, device=torch_device, dtype=dtype, repeats=repeats, warmup=warmup,
+                        source=source, console=console)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -196,121 +230,148 @@ def run_bench(*, quick: bool = False, batch_sizes: Sequence[int] | None = None,
 # Models
 
 
-def _random_models(config: BertConfig | dict, max_length: int,
-                   train_len: int) -> tuple[GatedModel, BertForSequenceClassification]:
-    """Random weights (timing needs no training), fixed seed; plain BERT is a copy made before wrapping.
+def _random_model_config(model: str | os.PathLike | None, sizes: dict | None, quick: bool):
+    """The config of the model to time: a family's defaults or a folder's config.json, resized."""
+    from transformers import AutoConfig
 
-    The gates cover the longest benched length and the overhead measurements' length (within the
-    model's positions), so those run at their documented length whatever ``seq_lens`` is.
-    """
-    if isinstance(config, dict):
-        config = BertConfig(**{"num_labels": 2, **config})
+    name = str(model or DEFAULT_FAMILY)
+    families = supported_model_types()
+    if name in families:
+        config = AutoConfig.for_model(name, num_labels=2)
+        sizes = sizes if sizes is not None else (QUICK_SIZES if quick else {})
     else:
-        config = copy.deepcopy(config)
-    if max_length > config.max_position_embeddings:
-        raise DynbertError(f"sequence length {max_length} exceeds the model's "
-                           f"{config.max_position_embeddings} positions")
-    max_length = max(max_length, min(train_len, config.max_position_embeddings))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        bert = BertForSequenceClassification(config)
-    plain = copy.deepcopy(bert)
-    plain.config._attn_implementation = "sdpa"
-    layers = config.num_hidden_layers
-    return GatedModel(bert, Gates(list(range(layers)), max_length, layers)), plain.eval()
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise DynbertError(f"--model {name} is neither a model family ({', '.join(families)}) nor a folder")
+        if not (folder / "config.json").is_file():
+            raise DynbertError(f"--model {name} holds no config.json: pass a folder saved with save_pretrained")
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except Exception as error:  # noqa: BLE001 - a broken or foreign config: one sentence
+            raise DynbertError(f"--model {name}: its config.json does not load ({error.__class__.__name__})") from error
+        sizes = sizes or {}
+    if adapter_class(config.model_type) is None:
+        raise DynbertError(f"--model {name} is a '{config.model_type}' model; dynbert bench times "
+                           f"{', '.join(families)} models")
+    for key, value in sizes.items():
+        # DistilBERT maps BERT's hidden_size, num_hidden_layers and num_attention_heads itself, but
+        # calls the feed-forward width hidden_dim.
+        if key == "intermediate_size" and not hasattr(config, key) and hasattr(config, "hidden_dim"):
+            key = "hidden_dim"
+        if not hasattr(config, key):
+            raise DynbertError(f"{key} is not a size of a '{config.model_type}' config")
+        setattr(config, key, value)
+    return config
 
 
-def _plain_copy(model: GatedModel) -> BertForSequenceClassification:
-    """The given model's BERT without its gates, on transformers' own sdpa attention."""
-    plain = copy.deepcopy(model.model)
-    plain.config._attn_implementation = "sdpa"
-    return plain.eval()
+def _models(config, run: GatedModel | None, seq_lens: list[int], device: torch.device,
+            dtype: torch.dtype) -> tuple[nn.Module, Callable]:
+    """(the plain classifier, ``pruned(schedule, score, length) -> GatedModel``), on ``device`` in ``dtype``.
 
-
-def schedule_gates(model: GatedModel, schedule: str, seq_len: int) -> torch.Tensor:
-    """Raw gate values that make ``model`` follow ``schedule`` on inputs of ``seq_len`` tokens.
-
-    Fixed schedules open the first k ranks of a gated layer (0/1 gates; ±inf for sigmoid gates).
-    ``keepF`` prunes at the first gated layer (layer 0 when every layer is gated) and opens every
-    later gate; ``power`` opens ceil(L · 0.15^((l+1)/n)) ranks at gated layer l of n layers.
-    ``learned`` returns the model's gates unchanged.
+    Every pruned model wraps one copy of the weights; the plain one is a second copy on transformers'
+    own sdpa attention. A run's model is copied, never changed.
     """
-    raw = model.method.gates.raw.detach()
-    if schedule == "learned":
-        return raw.clone()
-    keep = torch.full((len(model.pruned_layers),), seq_len)
+    if run is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            hf_model = adapter_class(config.model_type).model_class(config)
+    else:
+        hf_model = copy.deepcopy(run.model)
+    plain = copy.deepcopy(hf_model)
+    plain.config._attn_implementation = "sdpa"
+    plain.to(device=device, dtype=dtype).eval()
+    hf_model.to(device=device, dtype=dtype).eval()
+    encoder = adapter_for(hf_model)
+    num_layers = encoder.dims.num_layers
+    too_long = [length for length in seq_lens if length > encoder.max_positions]
+    if too_long:
+        raise DynbertError(f"sequence length(s) {too_long} exceed the model's {encoder.max_positions} positions")
+    layers = run.pruned_layers if run is not None else list(range(num_layers))
+    max_length = run.max_length if run is not None else max(seq_lens)
+
+    def pruned(schedule: str, score: str, length: int) -> GatedModel:
+        if schedule == "learned":
+            method, mask_attention = copy.deepcopy(run.method), run.mask_attention
+        else:
+            method = schedule_method(schedule, layers, num_layers, max_length, length, score)
+            mask_attention = True
+        return GatedModel(hf_model, method.to(device=device, dtype=dtype), mask_attention, encoder).eval()
+
+    return plain, pruned
+
+
+def keep_counts(schedule: str, layers: list[int], num_layers: int, seq_len: int) -> list[int]:
+    """Tokens a fixed schedule keeps at each pruned layer (of ``num_layers``) of a ``seq_len`` input.
+
+    ``keepF`` prunes at the first pruned layer and keeps the rest; ``power`` keeps
+    ceil(L · 0.15^((l+1)/n)) at layer l of n; ``full`` keeps everything.
+    """
+    keep = [seq_len] * len(layers)
     if schedule.startswith("keep"):
         keep[0] = math.ceil(int(schedule[4:]) / 100 * seq_len)
     elif schedule == "power":
-        for row, layer in enumerate(model.pruned_layers):
-            fraction = POWER_LAST_FRACTION ** ((layer + 1) / model.num_layers)
-            keep[row] = math.ceil(fraction * seq_len)
+        keep = [math.ceil(POWER_LAST_FRACTION ** ((layer + 1) / num_layers) * seq_len) for layer in layers]
     elif schedule != "full":
-        raise DynbertError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    is_open = torch.arange(raw.size(1))[None, :] < keep[:, None]
-    if model.method.gates.parametrization == "clip":
-        return is_open.to(raw.dtype)
-    return torch.where(is_open, math.inf, -math.inf).to(raw.dtype)
+        raise DynbertError(f"unknown fixed schedule {schedule!r}; expected one of {DEFAULT_SCHEDULES}")
+    return keep
 
 
-def _set(model: GatedModel, config: _Config) -> None:
+def schedule_method(schedule: str, layers: list[int], num_layers: int, max_length: int, seq_len: int,
+                    score: str) -> Gates:
+    """The paper's gates, open (1) for the first k ranks of each pruned layer and closed (0) after,
+    k from ``keep_counts``: the kernel still scores and ranks, the schedule fixes how many stay."""
+    method = Gates(layers, max_length, num_layers, score=score)
+    keep = torch.tensor(keep_counts(schedule, layers, num_layers, seq_len))
     with torch.no_grad():
-        model.method.gates.raw.copy_(config.raw)
-    model.method.score = config.score
+        method.gates.raw.copy_((torch.arange(max_length)[None, :] < keep[:, None]).float())
+    return method
 
 
 # ---------------------------------------------------------------------------------------------
-# The benchmark
+# Counting and timing
 
 
-def _bench(gated: GatedModel, plain: BertForSequenceClassification, *, quick, preset, batch_sizes,
-           seq_lens, schedules, dtype, repeats, warmup, console) -> dict:
-    gated.eval()
-    plain.eval()
-    config = gated.model.config
+def _bench(plain: nn.Module, pruned: Callable, run: GatedModel | None, *, quick, preset, batch_sizes, seq_lens,
+           schedules, device, dtype, repeats, warmup, source, console) -> dict:
     load_start, started = os.getloadavg()[0], time.perf_counter()
     _progress(console, started, "counting FLOPs (batch of one, every configuration)")
-    model_score = gated.method.score
+    model_score = run.method.score if run is not None else SCORES[0]
     pairs = [(schedule, model_score) for schedule in schedules]
     pairs += [(schedule, other) for schedule in schedules if schedule in COMPARE_SCORE_ON
               for other in SCORES if other != model_score]
-
-    # Every schedule's gates, taken before any is set (``learned`` is the model's own gates).
-    raws = {(schedule, length): schedule_gates(gated, schedule, length)
-            for schedule in schedules for length in set(seq_lens)}
+    models = {(schedule, score, length): pruned(schedule, score, length)
+              for schedule, score in pairs for length in set(seq_lens)}
+    any_model = next(iter(models.values()))
+    vocab_size, num_layers = any_model.model.config.vocab_size, any_model.num_layers
 
     # FLOPs and kept tokens depend on the length only (random tokens, no padding): count once.
     counted = {}
     for length in seq_lens:
-        ids, mask = _inputs(1, length, config.vocab_size)
+        ids, mask = _inputs(1, length, vocab_size, device)
         plain_flops = count_matmul_flops(plain, input_ids=ids, attention_mask=mask)
-        counted[PLAIN, PLAIN, None, length] = dict(kept_fraction=1.0, kept_per_layer=[length] * gated.num_layers,
+        counted[PLAIN, PLAIN, None, length] = dict(kept_fraction=1.0, kept_per_layer=[length] * num_layers,
                                                    flops_ratio_analytic=1.0, flops_ratio_measured=1.0)
         for schedule, score in pairs:
-            raw = raws[schedule, length]
+            gated = models[schedule, score, length]
             for mode in MODES:
-                _set(gated, _Config(schedule, mode, score, raw))
                 outputs = []  # one forward gives both the FLOPs and the kept counts
                 measured = count_matmul_flops(lambda: outputs.append(gated(ids, mask, hard=mode == "gather")))
-                output = outputs[0]
-                kept = output.kept
-                dims = gated.encoder.dims
-                analytic = (flops_per_example(output.num_tokens, kept, dims)
-                            / flops_per_example(output.num_tokens, baseline_kept(output.num_tokens, gated.num_layers), dims))
+                kept = outputs[0].kept
                 counted[schedule, mode, score, length] = dict(
                     kept_fraction=kept.double().mean().item() / length, kept_per_layer=kept[0].tolist(),
-                    flops_ratio_analytic=analytic.item(), flops_ratio_measured=measured / plain_flops)
+                    flops_ratio_analytic=flops_ratio(*gated.flops(outputs[0])),
+                    flops_ratio_measured=measured / plain_flops)
 
     rows, rounds_used = [], {}
     for batch in batch_sizes:
         for length in seq_lens:
-            configs = [_Config(PLAIN, PLAIN, None)]
-            configs += [_Config(schedule, mode, score, raws[schedule, length])
+            configs = [_Config(PLAIN, PLAIN, None, plain)]
+            configs += [_Config(schedule, mode, score, models[schedule, score, length])
                         for schedule, score in pairs for mode in MODES]
-            ids, mask = _inputs(batch, length, config.vocab_size)
-            calls = [_forward_call(gated, plain, c, ids, mask) for c in configs]
+            ids, mask = _inputs(batch, length, vocab_size, device)
+            calls = [_forward_call(c, ids, mask) for c in configs]
             _progress(console, started, f"timing batch {batch}, length {length}: {len(configs)} configurations")
-            times, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
+            times, rounds = _time_round_robin(calls, device=device, warmup=warmup,
                                               repeats=repeats or (QUICK_ROUNDS if quick else None),
                                               budget_s=preset["budget_s"])
             rounds_used[f"{batch}x{length}"] = rounds
@@ -320,27 +381,18 @@ def _bench(gated: GatedModel, plain: BertForSequenceClassification, *, quick, pr
                 facts = counted[c.schedule, c.mode, c.score, length]
                 speedup = plain_seconds / secs
                 rows.append(dict(schedule=c.schedule, mode=c.mode, score=c.score, batch_size=batch, seq_len=length,
-                                 kept_fraction=facts["kept_fraction"], kept_per_layer=facts["kept_per_layer"],
-                                 flops_ratio_analytic=facts["flops_ratio_analytic"],
-                                 flops_ratio_measured=facts["flops_ratio_measured"], seconds_median=secs,
-                                 seconds_min=min(each), speedup=speedup, efficiency=speedup * facts["flops_ratio_analytic"]))
+                                 **facts, seconds_median=secs, seconds_min=min(each), speedup=speedup,
+                                 efficiency=speedup * facts["flops_ratio_analytic"]))
 
-    batch, length = preset["train_batch"], preset["train_len"]
-    length = min(length, gated.max_length)
-    _progress(console, started, f"timing hard mode with nothing pruned, batch {batch}, length {length}")
-    hard_full = _hard_full_overhead(gated, plain, batch, length, dtype, warmup, quick, model_score)
-    _progress(console, started, f"timing training steps, batch {batch}, length {length}")
-    train = _train_step_overhead(gated, plain, batch, length, dtype, model_score)
-
+    dims = any_model.encoder.dims
     return dict(
-        machine=_machine(), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, quick=quick,
-        model=dict(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                   num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                   gate_layers=list(gated.pruned_layers), score=model_score,
-                   parametrization=gated.method.gates.parametrization),
+        machine=machine(device), torch=torch.__version__, threads=torch.get_num_threads(), dtype=dtype, quick=quick,
+        model=dict(source=source, model_type=any_model.model.config.model_type, hidden_size=dims.hidden,
+                   num_hidden_layers=dims.num_layers, intermediate_size=dims.intermediate,
+                   num_attention_heads=any_model.encoder.num_heads, pruned_layers=list(any_model.pruned_layers),
+                   score=model_score, method=run.method.name if run is not None else None),
         rounds=rounds_used, warmup=warmup, load_average=dict(start=load_start, end=os.getloadavg()[0]),
-        rows=rows, train_step_overhead=train, hard_full_overhead=hard_full,
-        wall_seconds=time.perf_counter() - started,
+        rows=rows, wall_seconds=time.perf_counter() - started,
     )
 
 
@@ -348,55 +400,48 @@ def _progress(console, started: float, message: str) -> None:
     console.print(f"[dim]{time.perf_counter() - started:6.0f} s  {message}[/dim]")
 
 
-def _inputs(batch: int, length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(batch: int, length: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids, every one real (no padding); a fixed seed so every run sees the same."""
     generator = torch.Generator().manual_seed(batch * 100_003 + length)
-    low = 1000 if vocab_size > 2000 else 1
-    ids = torch.randint(low, vocab_size, (batch, length), generator=generator)
+    low = 1000 if vocab_size > 2000 else 1  # above the special tokens of the usual vocabularies
+    ids = torch.randint(low, vocab_size, (batch, length), generator=generator).to(device)
     return ids, torch.ones_like(ids)
 
 
-def _forward_call(gated, plain, config: _Config, ids, mask) -> tuple[tuple, Callable, Callable]:
-    """(warm-up key, prepare, forward): prepare sets the gates and score outside the timed region.
-
-    Configurations with the same key run the same kernels on the same shapes (masking runs at full
-    length whatever the schedule), so one warm-up forward serves them all.
+def _forward_call(config: _Config, ids, mask) -> tuple[tuple, Callable]:
+    """(warm-up key, forward). Configurations with the same key run the same kernels on the same
+    shapes (masking runs at full length whatever the schedule), so one warm-up forward serves them all.
     """
     if config.mode == PLAIN:
-        return (PLAIN,), (lambda: None), (lambda: plain(input_ids=ids, attention_mask=mask))
+        return (PLAIN,), (lambda: config.model(input_ids=ids, attention_mask=mask))
     hard = config.mode == "gather"
     key = (config.mode, config.score) + ((config.schedule,) if hard else ())
-    return key, (lambda: _set(gated, config)), (lambda: gated(ids, mask, hard=hard))
+    return key, (lambda: config.model(ids, mask, hard=hard))
 
 
-def _autocast(dtype: str):
-    if dtype == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _time_round_robin(calls, *, dtype, warmup, repeats, budget_s) -> tuple[list[list[float]], int]:
+def _time_round_robin(calls, *, device, warmup, repeats, budget_s) -> tuple[list[list[float]], int]:
     """Seconds of each call's forward in every timed round (one of each per round, after ``warmup``).
 
     Warm-up rounds run one call per warm-up key. ``repeats=None``: as many rounds as fit
     ``budget_s`` at the warm-up's pace (``MIN_ROUNDS`` to ``MAX_ROUNDS``).
     """
     def run(index):
-        _, prepare, forward = calls[index]
-        prepare()
-        with torch.inference_mode(), _autocast(dtype):
+        _, forward = calls[index]
+        with torch.inference_mode():
+            synchronize(device)
             begin = time.perf_counter()
             forward()
+            synchronize(device)
             return time.perf_counter() - begin
 
     first_of_key = {}
-    for index, (key, _, _) in enumerate(calls):
+    for index, (key, _) in enumerate(calls):
         first_of_key.setdefault(key, index)
     pace = {}
     for _ in range(max(warmup, 1 if repeats is None else 0)):
         pace = {key: run(index) for key, index in first_of_key.items()}
     if repeats is None:
-        repeats = min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget_s / sum(pace[key] for key, _, _ in calls))))
+        repeats = min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget_s / sum(pace[key] for key, _ in calls))))
     times = [[] for _ in calls]
     for _ in range(repeats):
         for index in range(len(calls)):
@@ -404,73 +449,8 @@ def _time_round_robin(calls, *, dtype, warmup, repeats, budget_s) -> tuple[list[
     return times, repeats
 
 
-def _hard_full_overhead(gated, plain, batch, length, dtype, warmup, quick, score) -> dict:
-    """Hard mode with every gate open (gathering nothing away) against plain BERT, per score."""
-    ids, mask = _inputs(batch, length, gated.model.config.vocab_size)
-    raw = schedule_gates(gated, "full", length)
-    configs = [_Config(PLAIN, PLAIN, None)] + [_Config("full", "gather", score, raw) for score in SCORES]
-    calls = [_forward_call(gated, plain, c, ids, mask) for c in configs]
-    times, rounds = _time_round_robin(calls, dtype=dtype, warmup=warmup,
-                                      repeats=QUICK_ROUNDS if quick else HARD_FULL_ROUNDS, budget_s=0.0)
-    seconds = [statistics.median(t) for t in times]
-    per_score = {c.score: dict(seconds=secs, overhead_percent=100 * (secs / seconds[0] - 1))
-                 for c, secs in zip(configs[1:], seconds[1:])}
-    return dict(batch_size=batch, seq_len=length, rounds=rounds, plain_seconds=seconds[0], score=score,
-                overhead_percent=per_score[score]["overhead_percent"], by_score=per_score)
-
-
-def _train_step_overhead(gated, plain, batch, length, dtype, score) -> dict:
-    """One optimizer step of the gated model (soft mode) against one of plain BERT, same data.
-
-    Gated: forward + cross-entropy + gate regularizer + backward + AdamW + gate projection.
-    Plain: forward + cross-entropy + backward + AdamW. Copies are trained; the models are untouched.
-    """
-    config = gated.model.config
-    ids, mask = _inputs(batch, length, config.vocab_size)
-    labels = torch.arange(batch) % config.num_labels
-    gated_copy, plain_copy = copy.deepcopy(gated).train(), copy.deepcopy(plain).train()
-    gated_copy.method.score = score
-    with torch.no_grad():
-        gated_copy.method.gates.raw.fill_(1.0 if gated_copy.method.gates.parametrization == "clip" else 3.0)
-    weights = layer_weights(gated_copy.pruned_layers, gated_copy.num_layers)
-    gate_params = [gated_copy.method.gates.raw]
-    gated_optimizer = torch.optim.AdamW([
-        dict(params=list(gated_copy.model.parameters()), lr=2e-5, weight_decay=0.01),
-        dict(params=gate_params, lr=1e-2, weight_decay=0.0)])
-    plain_optimizer = torch.optim.AdamW(plain_copy.parameters(), lr=2e-5, weight_decay=0.01)
-
-    def gated_step():
-        gated_optimizer.zero_grad(set_to_none=True)
-        with _autocast(dtype):
-            output = gated_copy(ids, mask)
-            loss = F.cross_entropy(output.logits.float(), labels)
-            loss = loss + gate_regularizer(gated_copy.method.gates(), weights, lam=0.1, mu=0.5).total
-        loss.backward()
-        gated_optimizer.step()
-        gated_copy.method.gates.project_()
-
-    def plain_step():
-        plain_optimizer.zero_grad(set_to_none=True)
-        with _autocast(dtype):
-            logits = plain_copy(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
-        plain_optimizer.step()
-
-    steps = {"plain": [], "gated": []}
-    for index in range(TRAIN_STEPS + 1):
-        for name, step in (("plain", plain_step), ("gated", gated_step)):
-            begin = time.perf_counter()
-            step()
-            if index:  # the first step of each is the warm-up (AdamW allocates its state)
-                steps[name].append(time.perf_counter() - begin)
-    plain_seconds, gated_seconds = (statistics.median(steps[name]) for name in ("plain", "gated"))
-    return dict(batch_size=batch, seq_len=length, score=score, steps=TRAIN_STEPS,
-                plain_seconds=plain_seconds, gated_seconds=gated_seconds,
-                overhead_percent=100 * (gated_seconds / plain_seconds - 1))
-
-
-def _machine() -> dict:
+def machine(device: torch.device) -> dict:
+    """What the figures were measured on: the CPU (and its bf16 instructions), the GPU if one timed."""
     cpu_model, flags = "", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -481,13 +461,15 @@ def _machine() -> dict:
                 flags = set(value.split())
     return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                 cpu_model=cpu_model, cpu_count=os.cpu_count(),
-                bf16_instructions=sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}))
+                bf16_instructions=sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+                device=device.type,
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model)
 
 
-def _positive_ints(values: Sequence[int], what: str) -> list[int]:
+def _positive_ints(values: Sequence[int], what: str, least: int) -> list[int]:
     values = [int(value) for value in values]
-    if not values or min(values) < (2 if what == "sequence length" else 1):
-        raise DynbertError(f"every {what} must be at least {2 if what == 'sequence length' else 1}, got {values}")
+    if not values or min(values) < least:
+        raise DynbertError(f"every {what} must be at least {least}, got {values}")
     return values
 
 
@@ -500,8 +482,9 @@ def _print_table(console, result: dict) -> None:
     from rich.table import Table
 
     model = result["model"]
-    table = Table(title=f"dynbert bench: {model['num_hidden_layers']} layers x {model['hidden_size']}, "
-                        f"{result['dtype']}, {result['threads']} threads",
+    table = Table(title=f"dynbert bench: {model['model_type']} {model['num_hidden_layers']} layers x "
+                        f"{model['hidden_size']}, {result['dtype']}, {result['machine']['device_name'] or 'cpu'}, "
+                        f"{result['threads']} threads",
                   caption="FLOPs: analytic ratio to un-pruned; meas.: torch's counter, batch of one; "
                           "eff.: speed-up x FLOPs", box=box.SIMPLE_HEAD)
     for column in ("b", "L", "schedule", "score", "mode", "kept", "FLOPs", "meas.", "ms", "speed-up", "eff."):
@@ -517,13 +500,6 @@ def _print_table(console, result: dict) -> None:
                       f"{row['flops_ratio_measured']:.3f}", f"{1000 * row['seconds_median']:.1f}",
                       f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}")
     console.print(table)
-    hard, train = result["hard_full_overhead"], result["train_step_overhead"]
-    per_score = ", ".join(f"{score} {facts['overhead_percent']:+.1f}%" for score, facts in hard["by_score"].items())
-    console.print(f"hard mode, nothing pruned, vs plain BERT (batch {hard['batch_size']}, L {hard['seq_len']}): "
-                  f"{per_score}")
-    console.print(f"training step, gated ({train['score']}) vs plain BERT (batch {train['batch_size']}, "
-                  f"L {train['seq_len']}): {train['overhead_percent']:+.1f}% "
-                  f"({train['gated_seconds']:.3f} s vs {train['plain_seconds']:.3f} s)")
 
 
 _SHORT_SCORE = {"attention_received": "recv", "cls_attention": "cls", None: ""}

@@ -163,21 +163,39 @@ def report(folder: Path = typer.Argument(None, help="A sweep or any folder of ru
 
 @app.command()
 @user_errors
-def bench(quick: bool = typer.Option(False, "--quick", help="A small model and few repeats: under a minute."),
-          run: Path = typer.Option(None, "--run", help="Bench a trained run folder's model and learned gates."),
-          dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (autocast)."),
+def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repeats (a small model): seconds."),
+          train: bool = typer.Option(False, "--train", help="Time training steps instead: plain, gated, "
+                                     "length-grouped, bf16; writes train_bench.json."),
+          model: str = typer.Option(None, "--model", help="A model family (bert, ...) or a checkpoint folder; "
+                                    "with --train a checkpoint folder (default: the tiny model)."),
+          run: Path = typer.Option(None, "--run", help="Bench a trained run folder's model and its method."),
+          data: Path = typer.Option(None, "--data", help="With --train: a GLUE task folder, e.g. glue/SST-2 "
+                                    "(default: the synthetic task)."),
+          device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+          dtype: str = typer.Option(None, "--dtype", help="fp32 (default), bf16 or fp16 (CUDA): a converted model."),
           threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
-          out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json.")):
-    """Time pruned inference (gathered vs masked) against plain BERT; print a table, write bench.json."""
-    from .bench import bench_json_path, run_bench
+          out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json / train_bench.json, "
+                                   "or a .json path.")):
+    """Time pruned inference (gathered vs masked) against the plain model; print a table, write bench.json.
 
-    model = None
-    if run is not None:
-        from .train import load_run
+    With --train: time training steps (plain, gated, length-grouped, bf16) and write train_bench.json.
+    """
+    from .bench import result_path, run_bench
 
-        model = load_run(run)
-    run_bench(quick=quick, dtype=dtype, model=model, threads=threads, out=out, console=stderr)
-    typer.echo(bench_json_path(out))
+    if train:
+        from .train_bench import TRAIN_BENCH_FILE, run_train_bench
+
+        if run is not None or dtype is not None:
+            raise DynbertError("--train times fp32 and bf16 training of one model itself: drop --run and --dtype")
+        run_train_bench(quick=quick, data=data, model=model, device=device, threads=threads, out=out,
+                        console=stderr)
+        typer.echo(result_path(out, TRAIN_BENCH_FILE))
+        return
+    if data is not None:
+        raise DynbertError("--data is for --train: the inference bench times random tokens")
+    run_bench(quick=quick, model=model, run=run, device=device, dtype=dtype or "fp32", threads=threads, out=out,
+              console=stderr)
+    typer.echo(result_path(out))
 
 
 if __name__ == "__main__":  # pragma: no cover

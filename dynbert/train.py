@@ -23,8 +23,8 @@ from torch.nn import functional as F
 
 from . import __version__, stop
 from .config import knob_key
-from .core import GatedModel
-from .data import Encoded, collate, encode, epoch_batches, load_splits
+from .core import GatedModel, GatedOutput, RegularizerParts
+from .data import Batch, Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
 from .evaluate import evaluate, pruning_warnings
 from .modeling import build_model, load_model, make_gated_model, save_model
@@ -64,7 +64,7 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
 
 def make_accelerator(tcfg: DictConfig):
     """Accelerate for ``train.device`` and ``train.precision``, or one sentence on why not."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     device, precision = tcfg.device, tcfg.precision
@@ -79,10 +79,7 @@ def make_accelerator(tcfg: DictConfig):
     # Accelerate keeps one precision per process; a process that trains several runs (tests, a
     # sequential sweep) starts each from a clean slate. The distributed state is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    # With several processes, DDP must know that a method's parameters can leave the graph (a
-    # stage that freezes them, a layer that keeps every token); one process ignores this.
-    unused = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision], kwargs_handlers=[unused])
+    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision])
 
 
 def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
@@ -208,7 +205,7 @@ class LoopState:
 def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec, accelerator,
         logger: logging.Logger, console: Console) -> LoopState:
     """Train ``gated`` in place; resume from and save ``checkpoint.pt``; return the loop's state."""
-    tcfg, lam = cfg.train, float(cfg["lambda"])
+    tcfg = cfg.train
     accumulate = tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(data) / tcfg.batch_size / accumulate)
     if steps_per_epoch == 0:
@@ -261,38 +258,15 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         with stop.raising(), progress:
             bar = progress.add_task(f"{spec.name} {cfg.method.name} {cfg.method.knob}", total=total_steps, completed=state.step, stats="")
             while state.step < total_steps:
-                method.begin_step(state.step, total_steps)
+                micro_batches = []
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
-                    batch = collate(data, indices[rank::world] or indices[:1]).to(accelerator.device)
-                    last = micro == accumulate - 1
-                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        with accelerator.autocast():
-                            out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                        loss_task = task_loss(out.logits, batch.labels, spec)
-                        if tcfg.distill > 0:  # learn the un-pruned model's outputs too (detached)
-                            with torch.no_grad(), accelerator.autocast():
-                                teacher = model(batch.input_ids, batch.attention_mask, batch.token_type_ids,
-                                                prune=False).logits
-                            loss_task = ((1 - tcfg.distill) * loss_task + tcfg.distill
-                                         * distillation_loss(out.logits, teacher, spec, tcfg.distill_temperature))
-                        parts = method.regularizer(out, lam, state.step, total_steps)
-                        loss = loss_task if parts is None else loss_task + parts.total
-                        if not torch.isfinite(loss):
-                            detail = f"task {loss_task.item():.4g}"
-                            if parts is not None:
-                                detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
-                            raise not_finite("loss", detail)
-                        accelerator.backward(loss / accumulate)
-                grad_norm = accelerator.clip_grad_norm_(gated.model.parameters(), tcfg.max_grad_norm)
-                # A finite loss can still have an infinite gradient: stop before it reaches the weights
-                # (and the next checkpoint). With fp16 loss scaling, the scaler skips such steps itself.
-                if not torch.isfinite(grad_norm) and cfg.train.precision != "fp16":
-                    raise not_finite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                method.after_step()
+                    micro_batches.append(collate(data, indices[rank::world] or indices[:1]).to(accelerator.device))
+                try:
+                    loss_task, parts, out = train_step(model, gated, micro_batches, state.step, total_steps, cfg,
+                                                       spec, optimizer, scheduler, accelerator)
+                except NotFinite as error:
+                    raise not_finite(error.what, error.detail) from None
                 state.step += 1
 
                 speed = (state.step - first_step) * tcfg.batch_size * accumulate / (time.perf_counter() - started)
@@ -313,6 +287,60 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                                   exit_code=128 + signum) from None
     state.seconds = seconds_before + time.perf_counter() - started
     return state
+
+
+class NotFinite(DynbertError):
+    """A loss or gradient that is not finite: the step stopped before it reached the weights."""
+
+    def __init__(self, what: str, detail: str):
+        super().__init__(f"{what} is not finite ({detail})")
+        self.what, self.detail = what, detail
+
+
+def train_step(model, gated: GatedModel, micro_batches: list[Batch], step: int, total_steps: int,
+               cfg: DictConfig, spec: TaskSpec, optimizer, scheduler,
+               accelerator) -> tuple[torch.Tensor, RegularizerParts | None, GatedOutput]:
+    """One optimizer step, what `fit` and `dynbert bench --train` both run: for each micro-batch the
+    forward, the task loss plus the method's regularizer, and the backward; then clipping, AdamW,
+    the lr schedule and the method's projection.
+
+    ``model`` is ``gated`` as ``accelerator.prepare`` returned it (perhaps wrapped): the method and
+    the parameters to clip are read from ``gated``, whichever it is (the bench passes plain HF models
+    in a wrapper with the same ``model``, ``method`` and call). Returns the last micro-batch's task
+    loss, regularizer parts and output; raises ``NotFinite`` before a bad step changes a weight.
+    """
+    method, lam = gated.method, float(cfg["lambda"])
+    method.begin_step(step, total_steps)
+    for micro, batch in enumerate(micro_batches):
+        last = micro == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            loss_task = task_loss(out.logits, batch.labels, spec)
+            if cfg.train.distill > 0:  # learn the un-pruned model's outputs too (detached)
+                with torch.no_grad(), accelerator.autocast():
+                    teacher = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, prune=False).logits
+                weight = cfg.train.distill
+                loss_task = ((1 - weight) * loss_task
+                             + weight * distillation_loss(out.logits, teacher, spec, cfg.train.distill_temperature))
+            parts = method.regularizer(out, lam, step, total_steps)
+            loss = loss_task if parts is None else loss_task + parts.total
+            if not torch.isfinite(loss):
+                detail = f"task {loss_task.item():.4g}"
+                if parts is not None:
+                    detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
+                raise NotFinite("loss", detail)
+            accelerator.backward(loss / len(micro_batches))
+    grad_norm = accelerator.clip_grad_norm_(gated.model.parameters(), cfg.train.max_grad_norm)
+    # A finite loss can still have an infinite gradient: stop before it reaches the weights (and the
+    # next checkpoint). With fp16 loss scaling, the scaler skips such steps itself.
+    if not torch.isfinite(grad_norm) and cfg.train.precision != "fp16":
+        raise NotFinite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step()
+    return loss_task, parts, out
 
 
 def _step_batch(data: Encoded, cfg: DictConfig, batch_number: int, cache: dict) -> list[int]:
