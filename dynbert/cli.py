@@ -268,9 +268,11 @@ def predict_command(run: Path = typer.Argument(..., help="A finished run folder.
 
 
 def _say_truncated(truncated: int, total: int, max_length: int) -> None:
-    what = "the input is" if total == 1 else f"{truncated} of {total} inputs are"
-    stderr.print(f"[yellow]note:[/] {what} longer than the run's {max_length} tokens (task.max_length) and "
-                 f"{'was' if truncated == 1 else 'were'} truncated to them", highlight=False, soft_wrap=True)
+    one = truncated == 1
+    what = "the input" if total == 1 else f"{truncated} of {total} inputs"
+    stderr.print(f"[yellow]note:[/] {what} {'is' if one else 'are'} longer than the run's {max_length} tokens "
+                 f"(task.max_length) and {'was' if one else 'were'} cut to that length", highlight=False,
+                 soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
