@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from dynbert.data import collate, encode, load_splits
 from dynbert.errors import DynbertError
 from dynbert.evaluate import predict as evaluate_predict
 from dynbert.inspection import inspection_figure
+from dynbert.predictor import read_inputs
 from dynbert.rundir import load_run_config
 from dynbert.tasks import FILLER_WORDS, get_task
 from dynbert.train import load_run
@@ -242,6 +244,21 @@ def test_predict_a_pair_task_from_its_glue_tsv_and_from_pairs(stsb_run, tmp_path
     one_line_error(invoke("inspect", run, "A man plays."), "stsb compares two texts")
     with pytest.raises(DynbertError, match="pairs"):
         dynbert.load(run, device="cpu").predict(["A man plays."])
+
+
+# GLUE's own files, where the checkout sits beside them (../shared/data): a fresh clone skips this.
+REAL_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+REAL_DEV_SIZES = {"cola": ("CoLA", 1043), "sst2": ("SST-2", 872), "mrpc": ("MRPC", 408), "stsb": ("STS-B", 1500),
+                  "rte": ("RTE", 277), "wnli": ("WNLI", 71)}
+
+
+@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason=f"GLUE's real files are not at {REAL_GLUE}")
+@pytest.mark.parametrize("task", REAL_DEV_SIZES)
+def test_predict_reads_glues_own_dev_files(task):
+    folder, size = REAL_DEV_SIZES[task]
+    rows = read_inputs(str(REAL_GLUE / folder / "dev.tsv"), get_task(task))
+    assert len(rows) == size  # CoLA without a header, MRPC's byte-order mark, pairs: every row, once
+    assert all(row.text_a and (row.text_b is None) == (get_task(task).text_columns[1] is None) for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------
