@@ -55,15 +55,17 @@ class Inspection:
         """The tokens present after ``layer``, in their original order."""
         return [token for token, kept in zip(self.tokens, self.present[layer]) if kept]
 
-    def headline(self) -> str:
+    def headline(self, separator: str = "; ") -> str:
+        """The prediction, then the FLOPs against the un-pruned model (``separator`` between them)."""
         prediction = self.prediction
         if "label" in prediction:
             said = f"{prediction['label']} (p={prediction['score']:.3f})"
         else:
             said = f"score {prediction['score']:.3f}"
         ratio = prediction["flops_ratio"]
-        return (f"{self.task}: {said}; FLOPs {_short(prediction['flops'])} of {_short(prediction['baseline_flops'])} "
-                f"un-pruned (ratio {ratio:.3f}, {1 / ratio:.2f}× fewer); {len(self.tokens)} tokens")
+        return (f"{self.task}: {said}{separator}FLOPs {_short(prediction['flops'])} of "
+                f"{_short(prediction['baseline_flops'])} un-pruned (ratio {ratio:.3f}, {1 / ratio:.2f}× fewer); "
+                f"{len(self.tokens)} tokens")
 
 
 def _short(flops: int) -> str:
@@ -121,7 +123,8 @@ def inspection_figure(inspection: Inspection):
     from matplotlib.patches import Patch
 
     num_tokens, num_layers = len(inspection.tokens), inspection.num_layers
-    fig = Figure(figsize=(max(5.0, 1.6 + 0.26 * num_tokens), 1.9 + 0.32 * num_layers), layout="constrained")
+    # At least wide enough for the title's FLOPs line, however short the input.
+    fig = Figure(figsize=(max(6.0, 1.6 + 0.26 * num_tokens), 2.1 + 0.32 * num_layers), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colormap = ListedColormap([STATE_COLORS[state] for state in (GONE, DROPPED, KEPT)])
@@ -132,7 +135,7 @@ def inspection_figure(inspection: Inspection):
     ax.set_yticks([y - 0.5 for y in range(1, num_layers)], minor=True)
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
-    ax.set_title(_plain(inspection.headline()), fontsize=9, loc="left")
+    ax.set_title(_plain(inspection.headline(separator="\n")), fontsize=9, loc="left")
     fig.legend(handles=[Patch(color=STATE_COLORS[state], label=STATE_NAMES[state]) for state in (KEPT, DROPPED, GONE)],
                loc="outside lower left", ncols=3, fontsize=8, frameon=False)
     return fig
