@@ -1,3 +1,14 @@
 """dynbert: learn which tokens BERT can drop (Jeong & Kwak, arXiv 2102.09727)."""
 
 __version__ = "0.1.0"
+
+
+def load(run_dir, device: str | None = None):
+    """A finished run folder's pruned model, ready to ``predict(texts)``: a ``dynbert.predictor.Predictor``.
+
+    ``device`` defaults to CUDA if visible, else CPU. torch is imported here, on first use, so that
+    ``import dynbert`` (the CLI, `dynbert report`) stays quick.
+    """
+    from .predictor import load as load_predictor
+
+    return load_predictor(run_dir, device)

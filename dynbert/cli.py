@@ -1,4 +1,4 @@
-"""The `dynbert` command: train, sweep, report, bench.
+"""The `dynbert` command: train, sweep, report, bench, inspect, predict.
 
 User mistakes (DynbertError) end in one sentence on stderr and exit code 2, never a traceback;
 `--debug` or DYNBERT_DEBUG=1 shows the traceback of anything.
@@ -19,7 +19,8 @@ from rich.markup import escape
 from .errors import MESSAGE_LIMIT, DynbertError, first_line, shorten
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Learn which tokens BERT can drop: gated fine-tuning, λ sweeps, reports, benchmarks.")
+                  help="Learn which tokens BERT can drop: gated fine-tuning, λ sweeps, reports, benchmarks, "
+                       "inspection and prediction.")
 stderr = Console(stderr=True)
 OVERRIDES_HELP = "Hydra overrides: key=value or group=option, e.g. task=sst2 lambda=0.1 model=tiny."
 ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
@@ -56,6 +57,9 @@ def user_errors(command):
             raise typer.Exit(128 + getattr(interrupt, "signum", 2))
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:  # the reader stopped early (`dynbert predict ... | head`): exit quietly, as rich does
+            _silence_stdout()
+            raise typer.Exit(1) from None
         except Exception as error:  # noqa: BLE001 - the last line of defence for the user
             if _debug():
                 raise
@@ -64,6 +68,14 @@ def user_errors(command):
             raise typer.Exit(1)
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail on the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test runner's buffer): nothing to flush into a pipe
+        pass
 
 
 def _config_epilog() -> str:
@@ -196,6 +208,105 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
     run_bench(quick=quick, model=model, run=run, device=device, dtype=dtype or "fp32", threads=threads, out=out,
               console=stderr)
     typer.echo(result_path(out))
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(run: Path = typer.Argument(..., help="A finished run folder."),
+                    text: str = typer.Argument(None, help="The text to look at.", show_default=False),
+                    text_b: str = typer.Argument(None, help="Pair tasks: the second text.", show_default=False),
+                    input_path: str = typer.Option(None, "--input", help="Inspect the rows of this file instead: a "
+                                                   "TSV with the task's header, one text per line, or - for stdin."),
+                    limit: int = typer.Option(10, "--limit", min=1, help="With --input: at most this many rows."),
+                    out: Path = typer.Option(None, "--out", help="Also draw it: file.png, .svg or .html (with "
+                                             "--input: file-lineN.png for input line N).")):
+    """Show what the pruned model does to one input: the tokens each layer keeps, their scores, the
+    prediction and its FLOPs against the un-pruned model."""
+    from .errors import check_writable_file
+    from .inspection import PICTURE_FORMATS, print_inspection, write_picture
+
+    if (text is None) == (input_path is None):
+        raise DynbertError("pass the text to inspect, or --input FILE, but not both")
+    if out is not None:
+        check_writable_file(out, "--out", PICTURE_FORMATS)
+    from .predictor import InputRow, finished_run, load, read_inputs
+
+    _, spec = finished_run(run)
+    rows = read_inputs(input_path, spec)[:limit] if input_path else [InputRow(0, text, text_b)]
+    predictor = load(run)
+    console = Console(highlight=False)
+    written, truncated = [], 0
+    for row in rows:
+        inspection = predictor.inspect(row.text_a, row.text_b)
+        truncated += inspection.prediction["truncated"]
+        if input_path:
+            console.rule(f"line {row.line}")
+        print_inspection(console, inspection)
+        if out is not None:
+            path = out.with_name(f"{out.stem}-line{row.line}{out.suffix}") if input_path else out
+            write_picture(inspection, path)
+            written.append(path)
+    if truncated:
+        _say_truncated(truncated, len(rows), predictor.max_length)
+    for path in written:
+        typer.echo(path)
+
+
+@app.command("predict")
+@user_errors
+def predict_command(run: Path = typer.Argument(..., help="A finished run folder."),
+                    input_path: str = typer.Option(..., "--input", help="A TSV with the task's header, one text per "
+                                                   "line (pair tasks: text_a<TAB>text_b), or - for stdin."),
+                    out: Path = typer.Option(None, "--out", help="file.tsv or file.jsonl (default: stdout)."),
+                    format: str = typer.Option(None, "--format",
+                                               help="tsv or jsonl (default: --out's suffix, else tsv)."),
+                    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Default: the run's "
+                                                   "train.eval_batch_size, the batches its evaluation used.")):
+    """Predict with the pruned model (length-sorted batches, dropped tokens gathered away): labels,
+    probabilities, tokens kept per layer and FLOPs per example. A summary goes to stderr."""
+    import time
+
+    from .errors import atomic_write_text, check_writable_file
+    from .predictor import OUTPUT_FORMATS
+
+    fmt = None if format is None else "." + format.strip().lower().lstrip(".")
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        raise DynbertError(f"--format {format} is not one of tsv, jsonl")
+    if out is not None:
+        check_writable_file(out, "--out", OUTPUT_FORMATS)
+        if fmt is not None and fmt != out.suffix.lower():
+            raise DynbertError(f"--format {format} but --out {out} ends in {out.suffix}: pass one of them")
+        fmt = out.suffix.lower()
+    from .predictor import finished_run, format_records, load, read_inputs
+
+    _, spec = finished_run(run)
+    rows = read_inputs(input_path, spec)
+    predictor = load(run)
+    texts = [(row.text_a, row.text_b) if predictor.takes_pairs else row.text_a for row in rows]
+    started = time.perf_counter()
+    records = predictor.predict(texts, batch_size)
+    seconds = time.perf_counter() - started
+    truncated = sum(record["truncated"] for record in records)
+    if truncated:
+        _say_truncated(truncated, len(rows), predictor.max_length)
+    ratio = sum(r["flops"] for r in records) / sum(r["baseline_flops"] for r in records)
+    stderr.print(f"{len(records)} examples in {seconds:.2f} s ({len(records) / seconds:.1f} examples/s), "
+                 f"mean FLOPs ratio {ratio:.3f} ({1 / ratio:.2f}× fewer than un-pruned)", highlight=False,
+                 soft_wrap=True)
+    text = format_records(records, rows, fmt or ".tsv", spec)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+        typer.echo(out)
+
+
+def _say_truncated(truncated: int, total: int, max_length: int) -> None:
+    one = truncated == 1
+    what = "the input" if total == 1 else f"{truncated} of {total} inputs"
+    stderr.print(f"[yellow]note:[/] {what} {'is' if one else 'are'} longer than the run's {max_length} tokens "
+                 f"(task.max_length) and {'was' if one else 'were'} cut to that length", highlight=False,
+                 soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

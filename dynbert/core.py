@@ -197,6 +197,10 @@ class GatedOutput:
     """Soft mode: (batch, pruned layers, input length) the keep weight each pruned layer gave each
     token (CLS 1, pads 0; not cumulative); differentiable. A regularizer on each layer's own
     decisions (LTP's) reads it."""
+    scores: torch.Tensor | None = None
+    """Only with ``return_scores``: (batch, num_layers, input length) the score each original
+    position was ranked by at each layer; NaN where the layer ranked nothing (it prunes nothing, or
+    hard mode skipped it because it keeps every token) or the position was padding or already gone."""
 
 
 class GatedModel(nn.Module):
@@ -232,8 +236,11 @@ class GatedModel(nn.Module):
         return self.method.layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None, hard: bool = False, prune: bool = True) -> GatedOutput:
-        """``prune=False``: the same weights with nothing dropped (a distillation teacher)."""
+                token_type_ids: torch.Tensor | None = None, hard: bool = False, prune: bool = True,
+                return_scores: bool = False) -> GatedOutput:
+        """``prune=False``: the same weights with nothing dropped (a distillation teacher).
+        ``return_scores`` records the scores the layers ranked by (``GatedOutput.scores``, for
+        `dynbert inspect`); it changes nothing that is computed."""
         method = self.method
         batch, length = input_ids.shape
         if length > self.max_length:
@@ -252,7 +259,7 @@ class GatedModel(nn.Module):
             alive, kept_weight = real, real.to(hidden.dtype)
         pruning = prune and bool(method.layers)
         values = method.prepare(hard) if pruning else None
-        kept_counts, present_per_layer, kept_soft, layer_weights = [], [], [], []
+        kept_counts, present_per_layer, kept_soft, layer_weights, scores_per_layer = [], [], [], [], []
         decided = decisions = None
         if not hard and pruning:
             decided = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -268,6 +275,9 @@ class GatedModel(nn.Module):
                 score_kwargs = dict(token_score=method.score, score_queries=alive.to(hidden.dtype))
             attended, score = self.encoder.attention(layer, hidden, bias, **score_kwargs)
 
+            if return_scores:
+                ranked = score if row is not None else torch.full_like(hidden[..., 0], math.nan)
+                scores_per_layer.append(_scatter_scores(ranked, alive, positions, length))
             if row is not None:
                 tokens = LayerTokens(score=score, alive=alive, positions=positions, input_ids=input_ids,
                                      num_tokens=num_tokens)
@@ -299,7 +309,8 @@ class GatedModel(nn.Module):
                            present=torch.stack(present_per_layer, dim=1),
                            kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None,
                            decided=decided, decisions=decisions,
-                           weights=torch.stack(layer_weights, dim=1) if layer_weights else None)
+                           weights=torch.stack(layer_weights, dim=1) if layer_weights else None,
+                           scores=torch.stack(scores_per_layer, dim=1) if return_scores else None)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
         """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else."""
@@ -330,6 +341,12 @@ def _scatter_present(present, positions, length) -> torch.Tensor:
     """Map the current (possibly gathered) tokens back to a mask over the original positions."""
     original = torch.zeros(present.size(0), length, dtype=torch.bool, device=present.device)
     return original.scatter(1, positions, present)
+
+
+def _scatter_scores(score, alive, positions, length) -> torch.Tensor:
+    """The current tokens' scores over the original positions (NaN for tokens not present)."""
+    original = torch.full((score.size(0), length), math.nan, dtype=torch.float, device=score.device)
+    return original.scatter(1, positions, torch.where(alive, score.float(), math.nan))
 
 
 # ---------------------------------------------------------------------------------------------

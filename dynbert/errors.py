@@ -40,6 +40,21 @@ def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
             return
 
 
+def check_writable_file(path: str | os.PathLike, option: str, suffixes: tuple[str, ...]) -> None:
+    """One sentence, before any work, when ``path`` cannot be written as a file of one of ``suffixes``."""
+    path = Path(path)
+    wanted = " or ".join(suffixes)
+    if path.is_dir():
+        raise DynbertError(f"{option} {path} is a folder: pass a file name ending in {wanted}")
+    if path.suffix.lower() not in suffixes:
+        raise DynbertError(f"{option} {path} must end in {wanted}")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DynbertError(f"{option} {path} cannot be created: {parent} is a file")
+            return
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

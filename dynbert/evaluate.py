@@ -22,15 +22,16 @@ DECIDED_WANTED = 0.95
 @torch.no_grad()
 def predict(gated: GatedModel, data: Encoded, batch_size: int, hard: bool, spec: TaskSpec,
             autocast=contextlib.nullcontext) -> dict:
-    """Predictions, per-example FLOPs (and the un-pruned baseline's), kept fractions, cue kept, and
-    (soft mode) how many token decisions were already 0 or 1.
+    """Per example, in ``data``'s order: logits, predictions, FLOPs (and the un-pruned baseline's),
+    tokens kept after each layer (counts and fractions). Overall: cue kept, and (soft mode) how many
+    token decisions were already 0 or 1.
 
     Inputs are bucketed by length (sorted), so each batch pads to little more than it needs.
     """
     gated.eval()
     device = next(gated.parameters()).device
     order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
-    preds, flops, base, kept, cue_total, decided, decisions = [], [], [], [], 0, 0, 0
+    logits_all, preds, flops, base, kept_tokens, cue_total, decided, decisions = [], [], [], [], [], 0, 0, 0
     cue_hits = torch.zeros(gated.num_layers, dtype=torch.long)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
@@ -38,11 +39,12 @@ def predict(gated: GatedModel, data: Encoded, batch_size: int, hard: bool, spec:
         with autocast():
             out = gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=hard)
         logits = out.logits.float().cpu()
+        logits_all.append(logits)
         preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
         example_flops, baseline_flops = gated.flops(out)
         flops.append(example_flops)
         base.append(baseline_flops)
-        kept.append(out.kept.cpu().double() / out.num_tokens.cpu().double()[:, None])
+        kept_tokens.append(out.kept.cpu())
         if out.decided is not None:
             decided += int(out.decided.sum())
             decisions += int(out.decisions.sum())
@@ -54,8 +56,12 @@ def predict(gated: GatedModel, data: Encoded, batch_size: int, hard: bool, spec:
                 cue_total += int(cues.sum())
     restore = torch.empty(len(order), dtype=torch.long)
     restore[torch.tensor(order)] = torch.arange(len(order))
-    return dict(predictions=torch.cat(preds)[restore], flops=torch.cat(flops), baseline_flops=torch.cat(base),
-                kept=torch.cat(kept), cue_kept=(cue_hits / cue_total).tolist() if cue_total else None,
+    kept_tokens = torch.cat(kept_tokens)[restore]
+    num_tokens = torch.tensor(data.lengths, dtype=torch.double)
+    return dict(logits=torch.cat(logits_all)[restore], predictions=torch.cat(preds)[restore],
+                flops=torch.cat(flops)[restore], baseline_flops=torch.cat(base)[restore], kept_tokens=kept_tokens,
+                kept=kept_tokens.double() / num_tokens[:, None],
+                cue_kept=(cue_hits / cue_total).tolist() if cue_total else None,
                 decided=decided / decisions if decisions else None)
 
 

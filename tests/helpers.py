@@ -23,9 +23,9 @@ CONTRACT_KEYS = {"task", "lambda", "seed", "metric", "score", "score_soft", "met
 RUN_SPECIFIC = {"train_seconds", "run_dir"}
 
 
-def invoke(*args: str):
-    """`dynbert ARGS` in this process (Typer's runner): exit_code, stdout, stderr."""
-    return CliRunner().invoke(app, [str(arg) for arg in args])
+def invoke(*args: str, stdin: str | None = None):
+    """`dynbert ARGS` in this process (Typer's runner), reading ``stdin``: exit_code, stdout, stderr."""
+    return CliRunner().invoke(app, [str(arg) for arg in args], input=stdin)
 
 
 def dynbert_command(*args: str) -> list[str]:
