@@ -114,7 +114,7 @@ BAD_INPUTS = [
     ("model without tokenizer", [*TRAIN, "model.name_or_path={root}/no_tokenizer"], "has no tokenizer"),
     ("albert checkpoint", [*TRAIN, "model.name_or_path={root}/albert"], "is a 'albert' model"),
     ("gpt2 checkpoint", [*TRAIN, "model.name_or_path={root}/gpt2"], "is a 'gpt2' model"),
-    ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load a BERT model from {root}/truncated"),
+    ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load the model in {root}/truncated"),
     # Settings that would train nothing, or fail after the work.
     ("empty method layers", [*TRAIN, "method.layers=[]"], "method.layers=[] is not valid"),
     ("gates that never start", [*TRAIN, "method.start=1.5"], "method.start=1.5 is not valid"),
