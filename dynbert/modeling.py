@@ -8,12 +8,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from .core import GatedModel
-from .encoders import adapter_class, adapter_for, supported_model_types
+from .encoders import adapter_class, adapter_for, random_model, supported_model_types
 from .methods import build_method
 from .errors import DynbertError, first_line
 from .hub import go_offline_if_unreachable
@@ -65,12 +64,10 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
     labels = _label_config(spec)
     if model_cfg.name_or_path is None:
         tokenizer = train_wordpiece(train_texts, model_cfg.vocab_size)
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
-                            num_hidden_layers=model_cfg.num_layers,
-                            num_attention_heads=model_cfg.num_heads,
-                            intermediate_size=model_cfg.intermediate_size,
-                            max_position_embeddings=max(max_length, 128), **labels)
-        return BertForSequenceClassification(config), tokenizer
+        model = random_model("bert", hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+                             num_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
+                             vocab_size=len(tokenizer), max_positions=max(max_length, 128), **labels)
+        return model, tokenizer
     source = _resolve_pretrained(str(model_cfg.name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)
