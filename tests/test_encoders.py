@@ -285,12 +285,13 @@ def family_tokenizer(name: str):
     return family.tokenizer_class(vocab={token: i for i, token in enumerate(vocab)})
 
 
-def save_checkpoint(folder: Path, name: str, kind: str = "encoder") -> Path:
+def save_checkpoint(folder: Path, name: str, kind: str = "encoder", vocab_size: int | None = None) -> Path:
     """A pretrained checkpoint and the family's tokenizer. ``kind``: "encoder" (the encoder alone, as
     ``*Model`` saves it) or "pretraining" (the hub's class, with its masked-LM or discriminator head).
-    RoBERTa's tokenizer is saved as vocab.json + merges.txt, as the hub has it."""
+    ``vocab_size``: the model's, if not the tokenizer's. RoBERTa's tokenizer is saved as vocab.json +
+    merges.txt, as the hub has it."""
     tokenizer = family_tokenizer(name)
-    classifier = make_model(name, vocab_size=len(tokenizer))
+    classifier = make_model(name, vocab_size=vocab_size or len(tokenizer))
     if kind == "encoder":
         getattr(classifier, FAMILIES[name].base_prefix).save_pretrained(folder)
     else:
@@ -341,6 +342,14 @@ def test_tokenizer_of_each_family_encodes_pairs_and_batches_pad_with_its_pad_id(
         out = gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True)
         expected = model(**hf_inputs(gated, batch.input_ids, batch.attention_mask, batch.token_type_ids)).logits
     assert (out.logits - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tokenizer_of_another_vocabulary_is_refused(tmp_path, name):
+    tokens = len(family_tokenizer(name))
+    folder = save_checkpoint(tmp_path / name, name, vocab_size=4 * tokens)
+    with pytest.raises(DynbertError, match=f"has {tokens} tokens but the model {4 * tokens}"):
+        build_from(folder)
 
 
 def test_roberta_vocab_without_merges_is_no_tokenizer(tmp_path):
