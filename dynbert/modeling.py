@@ -8,12 +8,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (AutoConfig, AutoTokenizer, BertConfig, BertForSequenceClassification,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from .core import GatedModel
-from .encoders import adapter_class, adapter_for, supported_model_types
+from .encoders import adapter_class, adapter_for, random_model, supported_model_types
 from .methods import build_method
 from .errors import DynbertError, first_line
 from .hub import go_offline_if_unreachable
@@ -56,7 +55,8 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[str]):
-    """The classifier and its tokenizer: a tiny random BERT, a local folder, or a hub name.
+    """The classifier and its tokenizer: a tiny random BERT, or a local folder or hub name of any
+    family in ``encoders`` (picked by its config.json's model_type).
 
     The config carries the task's label names (``id2label``), so a pipeline on the saved model
     answers "positive", not "LABEL_1".
@@ -64,18 +64,17 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
     labels = _label_config(spec)
     if model_cfg.name_or_path is None:
         tokenizer = train_wordpiece(train_texts, model_cfg.vocab_size)
-        config = BertConfig(vocab_size=len(tokenizer), hidden_size=model_cfg.hidden_size,
-                            num_hidden_layers=model_cfg.num_layers,
-                            num_attention_heads=model_cfg.num_heads,
-                            intermediate_size=model_cfg.intermediate_size,
-                            max_position_embeddings=max(max_length, 128), **labels)
-        return BertForSequenceClassification(config), tokenizer
+        model = random_model("bert", hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+                             num_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
+                             vocab_size=len(tokenizer), max_positions=max(max_length, 128), **labels)
+        return model, tokenizer
     source = _resolve_pretrained(str(model_cfg.name_or_path))
     try:
         config = AutoConfig.from_pretrained(source)
         _check_family(source, config)
+        _check_tokenizer_files(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        _check_tokenizer(source, tokenizer, config)
+        _check_tokenizer_size(source, tokenizer, config)
         adapter = adapter_class(config.model_type)
         with _quiet_transformers():
             model, info = adapter.model_class.from_pretrained(source, output_loading_info=True, **labels)
@@ -87,8 +86,9 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
     return model, tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
-"""A tokenizer is one of these; without them transformers would invent a tiny vocabulary."""
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"), ("spiece.model",))
+"""A tokenizer is one of these sets of files (WordPiece's vocab.txt, byte-level BPE's vocab.json with
+its merges.txt, ...); without them transformers would invent a tiny vocabulary."""
 
 
 def _label_config(spec: TaskSpec) -> dict:
@@ -104,11 +104,16 @@ def _check_family(source: str, config) -> None:
                            f"{', '.join(supported_model_types())} models: pass a checkpoint of one of those")
 
 
-def _check_tokenizer(source: str, tokenizer, config) -> None:
+def _check_tokenizer_files(source: str) -> None:
+    """Before loading: transformers fails on a half tokenizer (vocab.json alone) with a message of its own."""
     folder = Path(source)
-    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise DynbertError(f"model.name_or_path={source} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
-                           "save the tokenizer beside the weights (tokenizer.save_pretrained) and pass that folder")
+    if folder.is_dir() and not any(all((folder / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        expected = " or ".join(" with ".join(files) for files in TOKENIZER_FILES)
+        raise DynbertError(f"model.name_or_path={source} has no tokenizer ({expected}): save the tokenizer "
+                           "beside the weights (tokenizer.save_pretrained) and pass that folder")
+
+
+def _check_tokenizer_size(source: str, tokenizer, config) -> None:
     if len(tokenizer) < config.vocab_size // 2:
         raise DynbertError(f"the tokenizer in {source} has {len(tokenizer)} tokens but the model "
                            f"{config.vocab_size}: pass a folder whose tokenizer belongs to its weights")
@@ -149,20 +154,20 @@ def _resolve_pretrained(name_or_path: str) -> str:
 
 def _cannot_load_message(source: str, error: Exception) -> str:
     if Path(source).is_dir():
-        return f"cannot load a BERT model from {source} ({first_line(error)})"
-    return (f"cannot load '{source}' from the Hugging Face hub (offline, or not a BERT model there): "
+        return f"cannot load the model in {source} ({first_line(error)})"
+    return (f"cannot load '{source}' from the Hugging Face hub (offline, or no such model there): "
             "pass model.name_or_path=<local folder saved with save_pretrained>, "
             "or run offline with model=tiny task=synthetic")
 
 
 def make_gated_model(model, method_cfg, max_length: int) -> GatedModel:
     """Wrap the classifier with the pruning method the config asks for (method=none: nothing pruned)."""
-    positions = model.config.max_position_embeddings
+    adapter = adapter_for(model)  # its family was checked when it was loaded
+    positions = adapter.max_positions  # RoBERTa's 514 position embeddings take 512 tokens
     if max_length > positions:
         raise DynbertError(f"task.max_length={max_length} exceeds the model's {positions} positions: "
                            f"pass task.max_length={positions} or less")
     try:
-        adapter = adapter_for(model)
         method = build_method(method_cfg, adapter.dims.num_layers, max_length, adapter.num_heads)
         return GatedModel(model, method, mask_attention=method_cfg.mask_attention, encoder=adapter)
     except ValueError as error:

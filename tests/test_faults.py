@@ -13,8 +13,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model, RobertaConfig,
-                          RobertaModel)
+from transformers import (AlbertConfig, AlbertModel, BertConfig, BertForSequenceClassification, GPT2Config,
+                          GPT2Model)
 
 from dynbert.config import compose_config
 from dynbert.modeling import train_wordpiece
@@ -62,8 +62,8 @@ def make_inputs(root):
     no_tokenizer = root / "no_tokenizer"
     BertForSequenceClassification.from_pretrained(root / "bert64").save_pretrained(no_tokenizer)
     GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=2)).save_pretrained(root / "gpt2")
-    RobertaModel(RobertaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(root / "roberta")
+    AlbertModel(AlbertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                             embedding_size=16)).save_pretrained(root / "albert")
     shutil.copytree(root / "bert64", root / "truncated")
     weights = root / "truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -112,9 +112,9 @@ BAD_INPUTS = [
     ("output_dir locked by a live process", [*TRAIN, "output_dir={root}/locked"], "is in use by process"),
     # Models that would silently train on garbage.
     ("model without tokenizer", [*TRAIN, "model.name_or_path={root}/no_tokenizer"], "has no tokenizer"),
-    ("roberta checkpoint", [*TRAIN, "model.name_or_path={root}/roberta"], "is a 'roberta' model"),
+    ("albert checkpoint", [*TRAIN, "model.name_or_path={root}/albert"], "is a 'albert' model"),
     ("gpt2 checkpoint", [*TRAIN, "model.name_or_path={root}/gpt2"], "is a 'gpt2' model"),
-    ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load a BERT model from {root}/truncated"),
+    ("truncated weights", [*TRAIN, "model.name_or_path={root}/truncated"], "cannot load the model in {root}/truncated"),
     # Settings that would train nothing, or fail after the work.
     ("empty method layers", [*TRAIN, "method.layers=[]"], "method.layers=[] is not valid"),
     ("gates that never start", [*TRAIN, "method.start=1.5"], "method.start=1.5 is not valid"),

@@ -3,11 +3,15 @@
 An adapter wraps a transformers ``*ForSequenceClassification`` model and exposes its embeddings,
 its layers split into the attention part and the feed-forward part, and its classification
 head, reusing transformers' own modules (no modeling file is copied). A new family is one small
-module here that subclasses ``EncoderAdapter`` and registers its ``model_type``.
+module here that subclasses ``EncoderAdapter`` and registers its ``model_type`` (docs/encoders.md).
+``random_model`` builds a randomly initialised classifier of any family from sizes named alike for
+all of them (tests, benchmarks).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 
 import torch
@@ -36,12 +40,35 @@ class EncoderAdapter:
     new_head: tuple[str, ...] = ("classifier.",)
     """Weight-name prefixes a pretrained checkpoint may lack: the task's new head."""
     has_token_types = True
-    no_decay_names: tuple[str, ...] = ("bias", "LayerNorm.weight")
-    """Parameter-name endings that get no weight decay (biases and norms)."""
+    """Whether the embeddings read token type ids (segment A/B); families without them get None."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        # Found by module type, not by name: families name their norms differently (BERT's
+        # LayerNorm, DistilBERT's sa_layer_norm and output_layer_norm).
+        self._norm_parameters = {f"{module_name}.{name}" if module_name else name
+                                 for module_name, module in model.named_modules()
+                                 if isinstance(module, nn.LayerNorm)
+                                 for name, _ in module.named_parameters(recurse=False)}
+
+    # A random model of the family -------------------------------------------------------------
+
+    @classmethod
+    def config_for(cls, *, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                   vocab_size: int, max_positions: int, **config):
+        """The family's config for these sizes (BERT's names here; a family naming them otherwise
+        overrides this). ``max_positions``: the longest input the model takes. Other keys (e.g.
+        ``num_labels``, ``initializer_range``, ``attn_implementation``) pass through."""
+        return cls.model_class.config_class(
+            hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+            intermediate_size=intermediate_size, vocab_size=vocab_size, max_position_embeddings=max_positions,
+            **config)
+
+    @classmethod
+    def random_model(cls, **sizes_and_config) -> nn.Module:
+        """A randomly initialised ``model_class`` of the family (``config_for``'s arguments)."""
+        return cls.model_class(cls.config_for(**sizes_and_config))
 
     # The encoder, piece by piece --------------------------------------------------------------
 
@@ -67,6 +94,8 @@ class EncoderAdapter:
 
     @property
     def dims(self) -> EncoderDims:
+        """Every shipped family's head is a D x D dense layer on the first token, then D x C to the
+        labels (BERT's pooler, RoBERTa's and ELECTRA's dense, DistilBERT's pre_classifier)."""
         config = self.config
         hidden, labels = config.hidden_size, config.num_labels
         return EncoderDims(hidden=hidden, intermediate=config.intermediate_size,
@@ -74,6 +103,7 @@ class EncoderAdapter:
 
     @property
     def max_positions(self) -> int:
+        """The longest input the position embeddings take."""
         return self.config.max_position_embeddings
 
     @property
@@ -81,7 +111,8 @@ class EncoderAdapter:
         return self.config.num_attention_heads
 
     def no_decay(self, name: str) -> bool:
-        return name.endswith(self.no_decay_names)
+        """Whether parameter ``name`` of the model gets no weight decay: biases and norm weights."""
+        return name.endswith("bias") or name in self._norm_parameters
 
 
 _ADAPTERS: dict[str, type[EncoderAdapter]] = {}
@@ -101,12 +132,27 @@ def adapter_class(model_type: str) -> type[EncoderAdapter] | None:
     return _ADAPTERS.get(model_type)
 
 
-def adapter_for(model: nn.Module) -> EncoderAdapter:
-    adapter = adapter_class(model.config.model_type)
+def registered(model_type: str) -> type[EncoderAdapter]:
+    """The adapter class for ``model_type``, or a ValueError naming the supported ones."""
+    adapter = adapter_class(model_type)
     if adapter is None:
-        raise ValueError(f"no encoder adapter for model_type {model.config.model_type!r}; "
+        raise ValueError(f"no encoder adapter for model_type {model_type!r}; "
                          f"supported: {', '.join(supported_model_types())}")
-    return adapter(model)
+    return adapter
 
 
-from . import bert  # noqa: E402,F401 - each family registers itself
+def adapter_for(model: nn.Module) -> EncoderAdapter:
+    return registered(model.config.model_type)(model)
+
+
+def random_model(model_type: str, **sizes_and_config) -> nn.Module:
+    """A randomly initialised classifier of the family registered for ``model_type``, e.g.
+    ``random_model("roberta", hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+    vocab_size=50265, max_positions=512, num_labels=2)`` (``EncoderAdapter.config_for``)."""
+    return registered(model_type).random_model(**sizes_and_config)
+
+
+# Every module of this package is one family that registers itself when imported: a new family is
+# one new file, and nothing else in dynbert changes.
+for _family in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_family.name}")
