@@ -130,6 +130,9 @@ def _print_run_summary(metrics: dict) -> None:
                  f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
                  f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
                  highlight=False, soft_wrap=True)
+    # Pruning that silently did nothing, or rounding that changed the model, must be heard.
+    for warning in metrics.get("warnings", []):
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 @app.command(context_settings=ARGS, epilog=_config_epilog())

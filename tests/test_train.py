@@ -93,3 +93,14 @@ def test_settings_this_machine_cannot_run_fail_before_any_work(tmp_path, overrid
     with pytest.raises(DynbertError, match=message):
         train(compose_config([*FAST, *SYNTHETIC, override, f"output_dir={tmp_path}"]))
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_gates_left_between_0_and_1_warn_that_rounding_changed_the_model():
+    from dynbert.evaluate import pruning_warnings
+    from dynbert.methods.gates import Gates
+
+    gates = Gates([0, 1], max_length=16, num_layers=2)
+    [warning] = pruning_warnings({"flops_ratio": 0.6, "decided": 0.8}, 0.1, gates)
+    assert warning.startswith("the soft decisions did not end at 0 or 1 (80% within 0.05, 95% wanted)")
+    assert "method.bimodal_weight" in warning
+    assert pruning_warnings({"flops_ratio": 0.6, "decided": 0.97}, 0.1, gates) == []

@@ -59,6 +59,24 @@ def test_train_writes_the_run_folder(tmp_path, task):
     assert torch.all((gates == 0) | (gates == 1))
 
 
+def test_a_run_that_pruned_nothing_says_so_and_what_to_change(tmp_path):
+    """λ > 0 but the gates never got to move (they start after the last of 4 steps): FLOPs ratio 1.0,
+    which must not pass as a result: a warning in metrics.json and in the summary, with advice."""
+    result = invoke("train", *FAST, *SYNTHETIC, "lambda=0.3", "method.start=0.99", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["flops_ratio"] == pytest.approx(1.0)
+    [warning] = metrics["warnings"]
+    assert warning.startswith("no token was pruned (FLOPs ratio 1.000)") and "method.start" in warning
+    assert f"warning: {warning}" in " ".join(result.stderr.split())
+
+
+def test_a_pruning_run_that_worked_has_no_warning(tmp_path):
+    result = invoke("train", *FAST, *SYNTHETIC, "lambda=0", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "metrics.json")["warnings"] == [] and "warning" not in result.stderr
+
+
 def test_train_seconds_is_the_training_loops_time(tmp_path):
     started = time.perf_counter()
     result = invoke("train", *FAST, *SYNTHETIC, "train.epochs=6", "train.max_steps=null", "train.batch_size=16",
