@@ -41,6 +41,7 @@ _SUMMARY_FIELDS = {
     "flops_per_example": lambda run: run["flops_per_example"],
     "kept_last": lambda run: run["kept_per_layer"][-1] if run["kept_per_layer"] else None,
     "cue_kept": lambda run: run.get("cue_kept"),
+    "agreement": lambda run: run.get("hard_soft_agreement"),
 }
 METHOD_ORDER = ("gates", "power_bert", "ltp", "topk", "random")
 """Tables and legends list the methods in this order (others follow, alphabetically)."""
@@ -116,11 +117,12 @@ def summarize(runs: list[dict]) -> list[dict]:
     Each row has task, metric, baseline, method, knob (`lambda`, `method.keep`; None for the baseline),
     knob_value, lambda (the knob value of a λ method, else None), n, seeds, then `<q>_mean` and
     `<q>_std` for q in score, score_soft, flops_ratio, flops_per_example, kept_last (kept fraction at
-    the last layer) and cue_kept (None where no run has it). std is the sample standard deviation over
-    seeds (n - 1), None for a single run. `delta` is score_mean minus the same task and method's
-    score_mean with the knob off (`KNOB_OFF`: λ = 0, keep = 1), None without such a run; the baseline
-    row is compared with the paper's gates at λ = 0. `reduction` is 1 / flops_ratio_mean (×-fold
-    fewer FLOPs).
+    the last layer), cue_kept and agreement (hard/soft prediction agreement; None where no run has
+    it). std is the sample standard deviation over seeds (n - 1), None for a single run. `delta` is
+    score_mean minus the same task and method's score_mean with the knob off (`KNOB_OFF`: λ = 0,
+    keep = 1), None without such a run; the baseline row is compared with the paper's gates at λ = 0.
+    `delta_baseline` is score_mean minus the task's un-pruned baseline's (None without one): what
+    "within 1 point" is measured by. `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs).
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
@@ -138,9 +140,12 @@ def summarize(runs: list[dict]) -> list[dict]:
         rows.append(row)
     reference = {(row["task"], row["method"]): row["score_mean"] for row in rows
                  if not row["baseline"] and row["knob"] in KNOB_OFF and row["knob_value"] == KNOB_OFF[row["knob"]]}
+    baselines = {row["task"]: row["score_mean"] for row in rows if row["baseline"]}
     for row in rows:
         ref = reference.get((row["task"], "gates" if row["baseline"] else row["method"]))
         row["delta"] = row["score_mean"] - ref if ref is not None else None
+        base = baselines.get(row["task"])
+        row["delta_baseline"] = row["score_mean"] - base if base is not None else None
     return sorted(rows, key=_row_order)
 
 
@@ -222,12 +227,15 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of one task's table (the same for the console and Markdown)."""
     metric = rows[0]["metric"]
     with_cue = any(row["cue_kept_mean"] is not None for row in rows)
-    header = ["method", "knob", "value", f"{metric} (hard)", "Δ vs knob off", "FLOPs/example", "FLOPs ratio",
-              "reduction", "kept, last layer"] + (["cue kept"] if with_cue else []) + ["runs"]
+    with_agreement = any(row["agreement_mean"] is not None for row in rows)
+    header = ["method", "knob", "value", f"{metric} (hard)", "Δ vs baseline", "Δ vs knob off", "FLOPs/example",
+              "FLOPs ratio", "reduction", "kept, last layer"] + (["cue kept"] if with_cue else []) + (
+              ["hard = soft"] if with_agreement else []) + ["runs"]
     cells = []
     for row in rows:
         line = [row["method"], knob_symbol(row["knob"]), format_lambda(row["knob_value"]),
                 _pm(row["score_mean"], row["score_std"]),
+                "—" if row["delta_baseline"] is None or row["baseline"] else f"{row['delta_baseline']:+.3f}",
                 "—" if row["delta"] is None else f"{row['delta']:+.3f}",
                 format_flops(row["flops_per_example_mean"]),
                 _pm(row["flops_ratio_mean"], row["flops_ratio_std"]),
@@ -235,6 +243,8 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 _percent(row["kept_last_mean"], row["kept_last_std"])]
         if with_cue:
             line.append(_percent(row["cue_kept_mean"], row["cue_kept_std"]))
+        if with_agreement:
+            line.append(_percent(row["agreement_mean"], row["agreement_std"]))
         line.append(str(row["n"]))
         cells.append(line)
     return header, cells
@@ -255,8 +265,9 @@ def _markdown(folder: Path, runs: list[dict], bad: list, rows: list[dict], figur
              f"{len(runs)} finished runs from `{folder}`" + (f"; {len(bad)} unreadable metrics.json skipped." if bad else "."),
              "", FLOPS_NOTE,
              "Scores are in hard mode (pruned tokens physically removed); ± is the sample standard deviation "
-             "over seeds; Δ is the difference to the same task and method's run with its knob off (λ = 0, "
-             "keep = 1; the baseline row: the gates at λ = 0).", ""]
+             "over seeds; Δ vs baseline is the difference to the task's un-pruned baseline; Δ vs knob off, to "
+             "the same task and method's run with its knob off (λ = 0, keep = 1; the baseline row: the gates "
+             "at λ = 0); hard = soft is the fraction of identical predictions with and without rounding.", ""]
     for task, task_rows in _by_task(rows).items():
         header, cells = _table(task_rows)
         lines += [f"## {task} ({task_rows[0]['metric']})", "", md_line(header),

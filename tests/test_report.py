@@ -39,9 +39,11 @@ def make_sweep(root: Path) -> None:
     """Two tasks, several λ, 1-3 seeds, and an sst2 baseline, at the depth a sweep writes them."""
     for seed, score in enumerate([0.90, 0.92, 0.94]):
         write_run(root, f"sst2/gates-lambda0-seed{seed}", seed=seed, score=score)
-    for seed, (score, ratio, kept) in enumerate([(0.85, 0.5, [1.0, 0.5, 0.2]), (0.89, 0.3, [1.0, 0.4, 0.1])]):
+    for seed, (score, ratio, kept, agree) in enumerate([(0.85, 0.5, [1.0, 0.5, 0.2], 0.98),
+                                                         (0.89, 0.3, [1.0, 0.4, 0.1], 1.0)]):
         write_run(root, f"sst2/gates-lambda0.1-seed{seed}", seed=seed, score=score, flops_ratio=ratio,
-                  flops_per_example=ratio * 2.0e9, kept_per_layer=kept, **{"lambda": 0.1})
+                  flops_per_example=ratio * 2.0e9, kept_per_layer=kept, hard_soft_agreement=agree,
+                  **{"lambda": 0.1})
     # The baseline's λ is meaningless: different values must still land in one row.
     write_run(root, "sst2/none-lambda0-seed0", baseline=True, seed=0, score=0.93)
     write_run(root, "sst2/none-lambda0.5-seed1", baseline=True, seed=1, score=0.95, **{"lambda": 0.5})
@@ -85,7 +87,9 @@ def test_summarize_averages_seeds_by_hand(tmp_path):
     assert lam["flops_per_example_mean"] == pytest.approx(0.8e9)
     assert lam["kept_last_mean"] == pytest.approx(0.15)  # last layer: 0.2 and 0.1
     assert lam["delta"] == pytest.approx(0.87 - 0.92)
+    assert lam["delta_baseline"] == pytest.approx(0.87 - 0.94)  # "within a point" is from the un-pruned model
     assert lam["cue_kept_mean"] is None
+    assert lam["agreement_mean"] == pytest.approx(0.99) and zero["agreement_mean"] is None
 
     base = row_for(rows, "sst2", None, baseline=True)
     assert base["n"] == 2 and base["score_mean"] == pytest.approx(0.94)
@@ -95,6 +99,7 @@ def test_summarize_averages_seeds_by_hand(tmp_path):
     # 1.0, 0.9, 0.8: mean 0.9, std 0.1; no λ=0 run -> no delta; cue_kept only from the one run that has it.
     assert syn["score_mean"] == pytest.approx(0.9) and syn["score_std"] == pytest.approx(0.1)
     assert syn["delta"] is None and syn["reduction"] == pytest.approx(4.0)
+    assert syn["delta_baseline"] is None  # synthetic has no baseline run here
     assert syn["cue_kept_mean"] == pytest.approx(0.8) and syn["cue_kept_std"] is None
     assert syn["kept_last_mean"] == pytest.approx(0.3) and syn["kept_last_std"] == pytest.approx(0.0)
 
@@ -144,7 +149,7 @@ def test_write_report_files(tmp_path):
 
     md = (out / "report.md").read_text()
     for text in ["## sst2", "## synthetic", "| baseline |", "| 0 |", "| 0.1 |", "| 0.2 |", "0.920±0.020",
-                 "-0.050", "2.50×", "real", "un-gated", "cue kept"]:
+                 "-0.050", "-0.070", "2.50×", "real", "un-gated", "cue kept", "hard = soft", "99.0±1.4%"]:
         assert text in md, text
 
     png = (out / "tradeoff.png").read_bytes()
