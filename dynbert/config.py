@@ -22,6 +22,7 @@ CHOICES = {
     "method.parametrization": ("clip", "sigmoid"),
     "method.layer_weighting": ("linear", "none"),
     "method.sparsity": ("ranks", "tokens"),
+    "method.ranks": ("absolute", "relative"),
     "method.bimodal_schedule": ("hold", "constant"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.precision": ("fp32", "bf16", "fp16"),

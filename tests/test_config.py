@@ -101,7 +101,7 @@ def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch
 def test_choices_checked_in_the_config_are_the_ones_core_accepts():
     assert {key: CHOICES[key] for key in CHOICES if key.startswith("method.")} == {
         "method.score": core.SCORES, "method.parametrization": gates.PARAMETRIZATIONS,
-        "method.layer_weighting": gates.LAYER_WEIGHTINGS, "method.sparsity": gates.SPARSITY_TARGETS,
+        "method.layer_weighting": gates.LAYER_WEIGHTINGS, "method.sparsity": gates.SPARSITY_TARGETS, "method.ranks": gates.RANK_INDEXING,
         "method.bimodal_schedule": gates.BIMODAL_SCHEDULES}
     assert CHOICES["train.precision"] == tuple(PRECISIONS)
     with pytest.raises(DynbertError, match="method.score=foo is not valid: pass one of attention_received, cls_attention"):

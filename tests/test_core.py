@@ -124,16 +124,17 @@ def test_wrapped_model_hf_forward_still_masks_padding():
 # 2. With 0/1 gates, soft mode is hard mode
 
 
+@pytest.mark.parametrize("ranks", ["absolute", "relative"])
 @pytest.mark.parametrize("monotone", [False, True])
 @pytest.mark.parametrize("score", SCORES)
 @pytest.mark.parametrize("parametrization", ["clip", "sigmoid"])
-def test_binary_gates_soft_equals_hard(parametrization, score, monotone):
+def test_binary_gates_soft_equals_hard(parametrization, score, monotone, ranks):
     input_ids, attention_mask = make_batch(seed=3)
     pruned_somewhere = False
     for seed in range(3):
         torch.manual_seed(seed)
-        gated = gated_bert(make_bert(seed=seed), MAX_LENGTH, score=score,
-                          parametrization=parametrization, monotone=monotone).eval()
+        gated = gated_bert(make_bert(seed=seed), MAX_LENGTH, score=score, parametrization=parametrization,
+                           monotone=monotone, ranks=ranks).eval()
         set_random_binary_gates(gated, seed=100 + seed, parametrization=parametrization)
         with torch.no_grad():
             soft = gated(input_ids, attention_mask, hard=False)
@@ -158,6 +159,20 @@ def test_binary_gates_soft_equals_hard_on_a_gate_layer_subset():
     n = torch.tensor(LENGTHS)
     expected = torch.stack([n, n.clamp(max=4), n.clamp(max=4)], dim=1)
     assert torch.equal(hard.kept, expected) and torch.equal(soft.kept, expected)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_relative_ranks_keep_a_share_of_each_input_absolute_ranks_a_count(hard):
+    """Gates open for the first half of the 16 ranks: absolute ranks keep up to 8 tokens of any
+    input; relative ranks (rank r of n meets gate floor(r·16/n)) keep half of each input."""
+    input_ids, attention_mask = make_batch(seed=5)  # lengths 12, 9, 5, 3
+    kept = {}
+    for ranks in ("absolute", "relative"):
+        gated = gated_bert(make_bert(seed=5), MAX_LENGTH, layers=[0], ranks=ranks).eval()
+        close_ranks_from(gated, [8])
+        with torch.no_grad():
+            kept[ranks] = gated(input_ids, attention_mask, hard=hard).kept[:, 0].tolist()
+    assert kept == {"absolute": [8, 8, 5, 3], "relative": [6, 5, 3, 2]}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -23,6 +23,7 @@ from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner, rank
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
 SPARSITY_TARGETS = ("ranks", "tokens")
+RANK_INDEXING = ("absolute", "relative")
 BIMODAL_SCHEDULES = ("hold", "constant")
 _SIGMOID_INIT = 3.0
 
@@ -131,10 +132,13 @@ class Gates(TokenPruner):
     def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
                  sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
-                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None):
+                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute"):
         super().__init__(layers, max_length)
         if sparsity not in SPARSITY_TARGETS:
             raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
+        if ranks not in RANK_INDEXING:
+            raise ValueError(f"unknown rank indexing {ranks!r}; expected one of {RANK_INDEXING}")
+        self.relative = ranks == "relative"
         self.score = score
         self.gates = TokenGates(len(layers), max_length, parametrization, monotone)
         self.register_buffer("weights", layer_weights(layers, num_layers, layer_weighting), persistent=False)
@@ -150,11 +154,17 @@ class Gates(TokenPruner):
 
     def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         gates, _ = values
-        rank = rank_tokens(tokens.score, tokens.alive)
-        return gates[row].gather(0, rank.flatten()).view_as(rank)
+        index = rank_tokens(tokens.score, tokens.alive)
+        if self.relative:
+            # Rank r of the n tokens present meets gate floor(r·N/n): the gate table describes which
+            # share of the ranked tokens a layer keeps, the same for a 10- and a 60-token input.
+            present = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
+            index = (index * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
+        return gates[row].gather(0, index.flatten()).view_as(index)
 
     def keeps_all(self, values, row: int, length: int) -> bool:
-        return values[1][row] >= length
+        # Relative ranks reach every gate, whatever the length: only a table of open gates keeps all.
+        return values[1][row] >= (self.max_length if self.relative else length)
 
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         if self._hardened(step, total_steps):
