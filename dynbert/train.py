@@ -51,6 +51,10 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
     accelerator = make_accelerator(cfg.train)
     stop.install()
     main = accelerator.is_main_process
+    if main and cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
+        console.print("[yellow]warning:[/] this CPU has neither AVX512-BF16 nor AMX, so bf16 is emulated and "
+                      "trains several times slower than fp32: pass train.precision=fp32 unless you are testing bf16",
+                      highlight=False, soft_wrap=True)
     with RunLock(run_dir) if main else contextlib.nullcontext():
         if main:
             claim(run_dir, cfg)
@@ -60,6 +64,11 @@ def train(cfg: DictConfig, console: Console | None = None) -> dict:
             console.print(f"[green]already complete[/]: {run_dir / METRICS_FILE}")
             return done
         return _run(cfg, run_dir, accelerator, console)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def make_accelerator(tcfg: DictConfig):

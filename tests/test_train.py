@@ -104,3 +104,14 @@ def test_gates_left_between_0_and_1_warn_that_rounding_changed_the_model():
     assert warning.startswith("the soft decisions did not end at 0 or 1 (80% within 0.05, 95% wanted)")
     assert "method.bimodal_weight" in warning
     assert pruning_warnings({"flops_ratio": 0.6, "decided": 0.97}, 0.1, gates) == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_only_emulates_it_says_so(tmp_path, monkeypatch, native):
+    """Emulated bf16 trained ~10x slower than fp32 on an AVX2-only CPU: a user must hear why."""
+    from helpers import invoke
+
+    monkeypatch.setattr("dynbert.train.cpu_has_native_bf16", lambda: native)
+    result = invoke("train", *FAST, *SYNTHETIC, "train.precision=bf16", "train.device=cpu", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    assert ("bf16 is emulated" in result.stderr) is not native
