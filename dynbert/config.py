@@ -158,8 +158,10 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
-    if not isinstance(cfg.train.group_by_length, bool):
-        raise DynbertError(f"train.group_by_length={cfg.train.group_by_length} is not valid: pass true or false")
+    for key in ("train.group_by_length", "method.straight_through", "method.monotone", "method.mask_attention"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise DynbertError(f"{key}={value} is not valid: pass true or false")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=choices[0])
         if value not in choices:
