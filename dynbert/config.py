@@ -158,7 +158,7 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
-    for key in ("train.group_by_length", "method.straight_through", "method.monotone", "method.mask_attention"):
+    for key in ("train.group_by_length", "method.monotone", "method.mask_attention"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise DynbertError(f"{key}={value} is not valid: pass true or false")

@@ -469,25 +469,6 @@ def test_task_loss_alone_reaches_the_gates(score, parametrization, raw):
     assert (grad[:, longest:] == 0).all(), "ranks no token reaches cannot affect the loss"
 
 
-@pytest.mark.parametrize("score", SCORES)
-def test_straight_through_gates_train_the_model_that_runs_at_inference(score):
-    """Gates strictly between 0 and 1: soft mode with straight-through computes exactly what hard
-    mode (rounded, gathered) does, and the task loss still reaches the open gates."""
-    torch.manual_seed(0)
-    gated = gated_bert(make_bert(seed=12), MAX_LENGTH, score=score, straight_through=True).eval()
-    generator = torch.Generator().manual_seed(12)
-    with torch.no_grad():  # values in (0.1, 0.9): rounding matters for every gate
-        gated.method.gates.raw.copy_(0.1 + 0.8 * torch.rand(gated.method.gates.raw.shape, generator=generator))
-    input_ids, attention_mask = make_batch(seed=12)
-    soft = gated(input_ids, attention_mask, hard=False)
-    with torch.no_grad():
-        hard = gated(input_ids, attention_mask, hard=True)
-    assert (soft.logits - hard.logits).abs().max() <= 1e-4
-    assert torch.equal(soft.kept, hard.kept) and (hard.kept < hard.num_tokens[:, None]).any()
-    F.cross_entropy(soft.logits, torch.tensor([0, 1, 2, 0])).backward()
-    assert (gated.method.gates.raw.grad[:, 1:] != 0).any()
-
-
 @pytest.mark.parametrize("parametrization, raw", [("clip", 0.7), ("clip", 1.0), ("sigmoid", 3.0)])
 def test_regularizer_alone_reaches_the_gates(parametrization, raw):
     torch.manual_seed(0)

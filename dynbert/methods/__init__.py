@@ -40,8 +40,7 @@ def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: i
         return Gates(layers, max_length, num_layers, score=cfg.score, parametrization=cfg.parametrization,
                      monotone=cfg.monotone, layer_weighting=cfg.layer_weighting, sparsity=cfg.sparsity,
                      bimodal_weight=cfg.bimodal_weight, bimodal_schedule=cfg.bimodal_schedule, lr=cfg.lr,
-                     start=cfg.start, harden_at=cfg.harden_at, ranks=cfg.ranks,
-                     straight_through=cfg.straight_through)
+                     start=cfg.start, harden_at=cfg.harden_at, ranks=cfg.ranks)
     if cfg.name == "power_bert":
         return PowerBert(layers, max_length, lr=cfg.lr, start=cfg.start, retrain_at=cfg.retrain_at)
     if cfg.name == "ltp":

@@ -132,15 +132,13 @@ class Gates(TokenPruner):
     def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
                  sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
-                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute",
-                 straight_through: bool = False):
+                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute"):
         super().__init__(layers, max_length)
         if sparsity not in SPARSITY_TARGETS:
             raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
         if ranks not in RANK_INDEXING:
             raise ValueError(f"unknown rank indexing {ranks!r}; expected one of {RANK_INDEXING}")
         self.relative = ranks == "relative"
-        self.straight_through = straight_through
         self.score = score
         self.gates = TokenGates(len(layers), max_length, parametrization, monotone)
         self.register_buffer("weights", layer_weights(layers, num_layers, layer_weighting), persistent=False)
@@ -162,12 +160,7 @@ class Gates(TokenPruner):
             # share of the ranked tokens a layer keeps, the same for a 10- and a 60-token input.
             present = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
             index = (index * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
-        weight = gates[row].gather(0, index.flatten()).view_as(index)
-        if self.straight_through and not hard:
-            # Training runs the rounded gates (exactly what inference gathers) and passes their
-            # gradient on to the soft values as if rounding were the identity.
-            weight = weight + (weight.ge(0.5).to(weight) - weight).detach()
-        return weight
+        return gates[row].gather(0, index.flatten()).view_as(index)
 
     def keeps_all(self, values, row: int, length: int) -> bool:
         # Relative ranks reach every gate, whatever the length: only a table of open gates keeps all.
