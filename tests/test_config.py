@@ -109,7 +109,8 @@ def test_choices_checked_in_the_config_are_the_ones_core_accepts():
 
 
 @pytest.mark.parametrize("override", ["train.max_steps=-1", "train.max_steps=abc", "train.lr=abc", "method.lr=nan",
-                                      "train.epochs=0", "method.bimodal_schedule=sometimes"])
+                                      "train.epochs=0", "method.bimodal_schedule=sometimes", "method.monotone=3",
+                                      "train.group_by_length=maybe"])
 def test_values_that_would_fail_mid_run_or_train_nothing_fail_at_once(override):
     with pytest.raises(DynbertError, match=f"{re.escape(override)} is not valid"):
         compose_config([override])
