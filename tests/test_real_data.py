@@ -67,10 +67,10 @@ def test_a_checkpoint_missing_encoder_weights_is_refused(tmp_path):
 
 
 def test_a_short_real_run_learns_prunes_and_agrees_in_soft_and_hard_mode(tmp_path):
-    """MiniLM, 480 real SST-2 sentences, 3 epochs, gates from the start: about a minute on 2 cores."""
+    """MiniLM, 480 real SST-2 sentences, 3 epochs, the shipped gates recipe: about a minute on 2 cores."""
     cfg = compose_config(["task=sst2", *MINILM_ARGS, "train.max_train_samples=480", "train.max_eval_samples=200",
                           "train.epochs=3", "train.batch_size=16", "train.lr=1e-4", "lambda=0.3",
-                          "method.start=0", "method.sparsity=tokens", f"output_dir={tmp_path}"])
+                          f"output_dir={tmp_path}"])
     metrics = train(cfg)
     assert CONTRACT_KEYS <= set(read_json(tmp_path / "metrics.json"))
     assert metrics["score"] > 0.65  # above the 0.5 of chance: it learned from real text

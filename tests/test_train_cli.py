@@ -71,8 +71,9 @@ def test_a_run_that_pruned_nothing_says_so_and_what_to_change(tmp_path):
     assert f"warning: {warning}" in " ".join(result.stderr.split())
 
 
-def test_a_pruning_run_that_worked_has_no_warning(tmp_path):
-    result = invoke("train", *FAST, *SYNTHETIC, "lambda=0", f"output_dir={tmp_path}")
+def test_a_run_that_asked_for_no_pruning_is_not_warned_that_it_pruned_nothing(tmp_path):
+    """λ = 0 and gates that stay exactly open (method.lr=0): FLOPs ratio 1.0 is what was asked for."""
+    result = invoke("train", *FAST, *SYNTHETIC, "lambda=0", "method.lr=0", f"output_dir={tmp_path}")
     assert result.exit_code == 0, result.output
     assert read_json(tmp_path / "metrics.json")["warnings"] == [] and "warning" not in result.stderr
 
