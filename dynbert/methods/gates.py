@@ -1,7 +1,9 @@
 """The paper's method: trainable gates per (layer, rank) and the bi-modal regularizer.
 
 Jeong & Kwak, arXiv 2102.09727 (METHOD.md §1-3). In each gated layer the tokens are ranked by
-their score (CLS first) and the token at rank j is weighted by gate g[l, j] in [0, 1]. The loss adds
+their score (CLS first) and the token at rank j is weighted by gate g[l, j] in [0, 1] (``absolute``
+ranks), or, with ``relative`` ranks, the token at rank r of the n present meets gate ⌊r·N/n⌋, so
+the table says which share of an input a layer keeps, whatever its length. The loss adds
 
     λ · Σ_l w_l · S_l  +  μ · Σ_l mean_j g_lj (1 − g_lj)
 
