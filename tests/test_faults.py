@@ -272,3 +272,13 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, si
     resumed = run_dynbert("train", *args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr and (tmp_path / "metrics.json").is_file()
+
+
+def test_results_keep_the_users_umask_not_mkstemps_0600(tmp_path):
+    """On a shared cluster a colleague must be able to read metrics.json (mkstemp alone makes 0600)."""
+    import stat
+
+    from dynbert.errors import _UMASK, atomic_write_json
+
+    atomic_write_json(tmp_path / "metrics.json", {"score": 1.0})
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o666 & ~_UMASK
