@@ -319,7 +319,9 @@ def job(cfg: DictConfig) -> str:
         elif stop.requested():
             status.update(status="interrupted", error="not started: the sweep was stopped")
         else:
-            console.print(f"[bold]run {_finished(Path(hydra.sweep.dir)) + 1}/{os.environ.get(_SWEEP_TOTAL, '?')}[/]: {label}")
+            # Jobs start side by side (joblib, SLURM): count what has finished, not a position in a queue.
+            done, total = _finished(Path(hydra.sweep.dir)), os.environ.get(_SWEEP_TOTAL, "?")
+            console.print(f"[bold]start[/] ({done}/{total} finished): {label}")
             try:
                 validate(cfg)
                 metrics = train(cfg, console=console)
