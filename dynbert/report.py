@@ -523,7 +523,13 @@ def _print_tables(console, rows: list[dict]) -> None:
             table.add_column(name, justify="left" if i < 2 else "right")
         for line in cells:
             table.add_row(*line)
+        # Off a terminal (a log, a pipe) nothing limits the width: print the table whole, not cut
+        # to 80 columns of "…".
+        width = console.width
+        if not console.is_terminal:
+            console.width = max(width, console.measure(table, options=console.options.update_width(1000)).maximum)
         console.print(table)
+        console.width = width
     console.print(FLOPS_NOTE, style="dim", markup=False, highlight=False)
 
 

@@ -347,3 +347,11 @@ def test_a_knob_without_its_value_is_a_bad_file(tmp_path):
     write_run(tmp_path, "b", method=3)
     runs, bad = load_runs(tmp_path)
     assert runs == [] and "knob_value" in bad[0][1] and "'method'" in bad[1][1]
+
+
+def test_a_table_printed_to_a_log_is_whole_not_cut_to_80_columns(tmp_path):
+    make_sweep(tmp_path)
+    console = Console(file=io.StringIO())  # not a terminal: a sweep's log, a pipe
+    write_report(tmp_path, formats=("md",), console=console)
+    printed = console.file.getvalue()
+    assert "Δ vs baseline" in printed and "hard = soft" in printed and "…" not in printed
