@@ -189,6 +189,10 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
           device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
           dtype: str = typer.Option(None, "--dtype", help="fp32 (default), bf16 or fp16 (CUDA): a converted model."),
           threads: int = typer.Option(None, "--threads", help="torch threads (default: torch's)."),
+          batch_size: list[int] = typer.Option(None, "--batch-size", help="Batch size to time; repeat for "
+                                               "several (default 1 and 32; quick 1 and 8)."),
+          schedule: list[str] = typer.Option(None, "--schedule", help="Keep schedule to time (full, keep70, ..., "
+                                             "power, learned with --run); repeat for several (default: all)."),
           out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json / train_bench.json, "
                                    "or a .json path.")):
     """Time pruned inference (gathered vs masked) against the plain model; print a table, write bench.json.
@@ -200,8 +204,9 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
     if train:
         from .train_bench import TRAIN_BENCH_FILE, run_train_bench
 
-        if run is not None or dtype is not None:
-            raise DynbertError("--train times fp32 and bf16 training of one model itself: drop --run and --dtype")
+        if run is not None or dtype is not None or batch_size or schedule:
+            raise DynbertError("--train times fp32 and bf16 training of one model itself at the loop's batch size: "
+                               "drop --run, --dtype, --batch-size and --schedule")
         run_train_bench(quick=quick, data=data, model=model, device=device, threads=threads, out=out,
                         console=stderr)
         typer.echo(result_path(out, TRAIN_BENCH_FILE))
@@ -209,7 +214,7 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
     if data is not None:
         raise DynbertError("--data is for --train: the inference bench times random tokens")
     run_bench(quick=quick, model=model, run=run, device=device, dtype=dtype or "fp32", threads=threads, out=out,
-              console=stderr)
+              batch_sizes=batch_size or None, schedules=schedule or None, console=stderr)
     typer.echo(result_path(out))
 
 

@@ -240,7 +240,8 @@ def test_a_folder_of_another_family_or_without_config_is_refused(tmp_path):
     (["--model", "gpt9"], "--model gpt9 is neither a model family"),
     (["--out", "{tmp}/a_file"], "--out {tmp}/a_file is a file"),
     (["--data", "{tmp}"], "--data is for --train"),
-    (["--train", "--dtype", "bf16"], "drop --run and --dtype"),
+    (["--train", "--dtype", "bf16"], "drop --run, --dtype"),
+    (["--train", "--batch-size", "32"], "drop --run, --dtype, --batch-size and --schedule"),
     (["--train", "--device", "cuda"], "--device cuda but no CUDA GPU"),
     (["--train", "--model", "bert"], "--train --model bert is not a folder"),
     (["--train", "--data", "{tmp}/SST-3"], "is not a folder"),
@@ -309,9 +310,11 @@ def test_train_bench_times_the_loops_own_step_in_four_settings(tmp_path, monkeyp
 def test_bench_run_folder_from_the_command_line(tmp_path):
     assert invoke("train", *FAST, *SYNTHETIC, f"output_dir={tmp_path / 'run'}").exit_code == 0
     result = invoke("bench", "--quick", "--device", "cpu", "--threads", "1", "--run", tmp_path / "run",
-                    "--out", tmp_path / "b.json")
+                    "--batch-size", "4", "--schedule", "full", "--schedule", "learned", "--out", tmp_path / "b.json")
     assert result.exit_code == 0, result.output
     written = read_json(tmp_path / "b.json")
     assert written["model"]["source"] == str(tmp_path / "run") and written["model"]["method"] == "gates"
     assert {row["seq_len"] for row in written["rows"]} == {48}  # the run's max_length: shorter than quick's 64
+    assert {row["batch_size"] for row in written["rows"]} == {4}  # as asked, not quick's 1 and 8
+    assert {row["schedule"] for row in written["rows"]} == {"plain", "full", "learned"}  # plain: the reference
     assert _rows(written, schedule="learned")
