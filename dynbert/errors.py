@@ -61,7 +61,8 @@ def _umask() -> int:
     return mask
 
 
-_UMASK = _umask()
+FILE_MODE = 0o666 & ~_umask()
+"""The mode the user's umask gives a new file: what every result dynbert writes gets."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -71,7 +72,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates the file 0600; a result should be as readable as any file the user makes.
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -14,7 +14,7 @@ from transformers.utils import logging as hf_logging
 from .core import GatedModel
 from .encoders import adapter_class, adapter_for, random_model, supported_model_types
 from .methods import build_method
-from .errors import DynbertError, first_line
+from .errors import FILE_MODE, DynbertError, first_line
 from .hub import go_offline_if_unreachable
 from .tasks import TaskSpec
 
@@ -187,6 +187,11 @@ def save_model(gated: GatedModel, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     state = {name: tensor.detach().contiguous() for name, tensor in gated.method.state_dict().items()}
     save_file(state, str(folder / METHOD_FILE), metadata={"method": gated.method.name})
+    # safetensors writes its files 0600 whatever the umask: a colleague on a shared cluster must be
+    # able to read the model as well as the metrics.
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(FILE_MODE)
 
 
 def load_model(folder: Path, method_cfg, max_length: int):

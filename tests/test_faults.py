@@ -274,11 +274,14 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, si
     assert "resuming" in resumed.stderr and (tmp_path / "metrics.json").is_file()
 
 
-def test_results_keep_the_users_umask_not_mkstemps_0600(tmp_path):
-    """On a shared cluster a colleague must be able to read metrics.json (mkstemp alone makes 0600)."""
+def test_results_keep_the_users_umask_not_0600(tmp_path):
+    """On a shared cluster a colleague must be able to read a run (mkstemp and safetensors make 0600)."""
     import stat
 
-    from dynbert.errors import _UMASK, atomic_write_json
+    from dynbert.errors import FILE_MODE
 
-    atomic_write_json(tmp_path / "metrics.json", {"score": 1.0})
-    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o666 & ~_UMASK
+    assert invoke(*TRAIN, f"output_dir={tmp_path}").exit_code == 0
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"metrics.json", "config.yaml", "model.safetensors", "method.safetensors"} <= {p.name for p in written}
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+        path.name: oct(FILE_MODE) for path in written}
