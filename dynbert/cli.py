@@ -139,20 +139,22 @@ def _print_run_summary(metrics: dict) -> None:
 @user_errors
 def sweep(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Comma lists and "
                                                 "range(...)/choice(...) expand into runs.", show_default=False),
-          dry_run: bool = typer.Option(False, "--dry-run", help="Check every run's config and list the "
-                                       "multiruns; train nothing.")):
+          dry_run: bool = typer.Option(False, "--dry-run", help="Check every run's config and list "
+                                       "the run folders; train nothing.")):
     """Run a sweep of each method's knob (and task, seed, ...) as Hydra multiruns; re-running resumes it.
 
     Each method varies its own knob over its own grid (method.grid: λ, or method.keep); a knob given
     here or in sweep.params replaces it (docs/methods.md). Launchers scale it out: hydra/launcher=joblib,
     hydra/launcher=submitit_slurm. The last line printed is the sweep folder.
     """
-    from .sweep import plan_sweep, run_sweep
+    from .sweep import plan_jobs, plan_sweep, run_sweep
 
     if dry_run:
         folder, multiruns, _ = plan_sweep(list(overrides or []))
-        for overrides_of_run in multiruns:
-            typer.echo(" ".join(overrides_of_run))
+        jobs = plan_jobs(folder, multiruns)
+        stderr.print(f"{len(jobs)} runs, every config checked; nothing trained:", highlight=False)
+        for run_dir, _ in jobs:
+            typer.echo(run_dir)
         typer.echo(folder.resolve())
         return
     folder, failed = run_sweep(list(overrides or []), console=stderr)

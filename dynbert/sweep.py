@@ -59,12 +59,27 @@ def _split_overrides(overrides: list[str]):
     return plain, swept
 
 
-def _count_jobs(overrides: list[str]) -> int:
+def plan_jobs(folder: Path, multiruns: list[list[str]]) -> list[tuple[Path, list[str]]]:
+    """Every job of the sweep, as (its run folder, its overrides), composed as the job will be.
+
+    Two jobs that would share a folder are refused here: the second would be skipped as done."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    from .config import compose_config
+
+    jobs, seen = [], {}
+    for runs in multiruns:
+        parsed = OverridesParser.create().parse_overrides(runs)
+        for batch in BasicSweeper.split_arguments(parsed, None):
+            for job_overrides in batch:
+                run_dir = run_folder(folder, compose_config(list(job_overrides)), list(job_overrides))
+                if run_dir in seen:
+                    raise DynbertError(f"two runs of this sweep would share {run_dir} ({' '.join(seen[run_dir])} "
+                                       f"and {' '.join(job_overrides)}): add the key that tells them apart to the run name")
+                seen[run_dir] = job_overrides
+                jobs.append((run_dir, list(job_overrides)))
+    return jobs
 
 
 def _key(line: str) -> str:
@@ -188,7 +203,7 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     """Run every job of the sweep not already complete; print a summary; return (folder, failed)."""
     folder, multiruns, _ = plan_sweep(overrides)
     sweep_id = f"{time.time_ns()}"
-    total = sum(_count_jobs(runs) for runs in multiruns)
+    total = len(plan_jobs(folder, multiruns))  # composes every job: a bad one or a shared folder fails now
     console.print(f"sweep: {total} runs into {folder}")
     from .config import conf_dir
 

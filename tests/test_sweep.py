@@ -109,6 +109,27 @@ def test_every_swept_key_gets_its_own_run_folder(tmp_path):
         "attention_received", "cls_attention"}
 
 
+def test_a_dry_run_lists_the_folder_every_job_will_write_and_trains_nothing(tmp_path):
+    result = invoke(*SWEEP, "lambda=0.1,0.3", "method.score=attention_received,cls_attention",
+                    f"output_dir={tmp_path}", "--dry-run")
+    assert result.exit_code == 0, result.output
+    *folders, sweep_dir = result.stdout.strip().splitlines()
+    assert sweep_dir == str(tmp_path.resolve())
+    assert sorted(Path(folder).relative_to(tmp_path).as_posix() for folder in folders) == [
+        f"synthetic/gates-lambda{lam}-seed0-method.score={score}"
+        for lam in ("0.1", "0.3") for score in ("attention_received", "cls_attention")] + [
+        "synthetic/none-lambda0-seed0"]
+    assert "5 runs" in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_two_jobs_that_would_share_a_folder_are_refused_before_any_run(tmp_path):
+    """A run name that drops the swept λ would make the second job 'already complete'."""
+    result = invoke(*SWEEP, "lambda=0.1,0.3", "run_name=mine", f"output_dir={tmp_path}")
+    assert result.exit_code == 2, result.output
+    assert "two runs of this sweep would share" in result.stderr and "lambda=0.3" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_run_folder_names_stay_folder_safe_and_distinct():
     from omegaconf import OmegaConf
 
