@@ -162,6 +162,12 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise DynbertError(f"{key}={value} is not valid: pass true or false")
+    family = OmegaConf.select(cfg, "model.family", default=None)
+    if family is not None:
+        from .encoders import supported_model_types  # the families registered, not a copied list
+
+        if family not in supported_model_types():
+            raise DynbertError(f"model.family={family} is not valid: pass one of {', '.join(supported_model_types())}")
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=choices[0])
         if value not in choices:

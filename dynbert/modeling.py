@@ -55,8 +55,9 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[str]):
-    """The classifier and its tokenizer: a tiny random BERT, or a local folder or hub name of any
-    family in ``encoders`` (picked by its config.json's model_type).
+    """The classifier and its tokenizer: a tiny random encoder (``model.family``, BERT by default)
+    with a WordPiece tokenizer trained on the task, or a local folder or hub name of any family in
+    ``encoders`` (picked by its config.json's model_type).
 
     The config carries the task's label names (``id2label``), so a pipeline on the saved model
     answers "positive", not "LABEL_1".
@@ -64,9 +65,12 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
     labels = _label_config(spec)
     if model_cfg.name_or_path is None:
         tokenizer = train_wordpiece(train_texts, model_cfg.vocab_size)
-        model = random_model("bert", hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
+        family = model_cfg.get("family", "bert")  # checked in config.validate
+        # The tokenizer's pad id goes into the config: RoBERTa counts positions from it.
+        model = random_model(family, hidden_size=model_cfg.hidden_size, num_layers=model_cfg.num_layers,
                              num_heads=model_cfg.num_heads, intermediate_size=model_cfg.intermediate_size,
-                             vocab_size=len(tokenizer), max_positions=max(max_length, 128), **labels)
+                             vocab_size=len(tokenizer), max_positions=max(max_length, 128),
+                             pad_token_id=tokenizer.pad_token_id, **labels)
         return model, tokenizer
     source = _resolve_pretrained(str(model_cfg.name_or_path))
     try:

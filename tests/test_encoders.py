@@ -235,6 +235,23 @@ def test_random_model_has_the_sizes_asked_for(name):
     assert encoder.model.config.model_type == FAMILIES[name].model_type
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_tiny_model_takes_any_family_offline(name):
+    """`model=tiny model.family=<family>`: each family trains from scratch with no download, its
+    config's pad id the trained tokenizer's (RoBERTa counts positions from it)."""
+    cfg = compose_config(["model=tiny", f"model.family={FAMILIES[name].model_type}", "task=synthetic"])
+    texts = ["a good film", "not a good film", "an awful film"] * 20
+    model, tokenizer = build_model(cfg.model, get_task("synthetic"), 32, texts)
+    encoder = adapter_for(model)
+    assert model.config.model_type == FAMILIES[name].model_type and encoder.max_positions >= 128
+    assert model.config.pad_token_id == tokenizer.pad_token_id and model.config.vocab_size == len(tokenizer)
+
+
+def test_a_tiny_model_of_an_unsupported_family_is_refused_before_any_work():
+    with pytest.raises(DynbertError, match=f"model.family=gpt2 is not valid: pass one of {', '.join(supported_model_types())}$"):
+        compose_config(["model=tiny", "model.family=gpt2"])
+
+
 def test_random_model_of_an_unknown_family_names_the_supported_ones():
     with pytest.raises(ValueError, match=f"'gpt2'; supported: {', '.join(supported_model_types())}$"):
         random_model("gpt2", hidden_size=HIDDEN, num_layers=1, num_heads=HEADS, intermediate_size=INTERMEDIATE,
