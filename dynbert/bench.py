@@ -499,7 +499,9 @@ def _print_table(console, result: dict) -> None:
                       row["mode"], f"{row['kept_fraction']:.2f}", f"{row['flops_ratio_analytic']:.3f}",
                       f"{row['flops_ratio_measured']:.3f}", f"{1000 * row['seconds_median']:.1f}",
                       f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}")
-    console.print(table)
+    from .report import print_table  # printed whole in logs, not cut to 80 columns
+
+    print_table(console, table)
 
 
 _SHORT_SCORE = {"attention_received": "recv", "cls_attention": "cls", None: ""}

@@ -513,6 +513,18 @@ def _check_formats(formats) -> list[str]:
     return wanted
 
 
+def print_table(console, table) -> None:
+    """Print a rich table; off a terminal (a log, a pipe) nothing limits the width, so it is
+    printed whole, not cut to 80 columns of '…'."""
+    width = console.width
+    if not console.is_terminal:
+        console.width = max(width, console.measure(table, options=console.options.update_width(1000)).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def _print_tables(console, rows: list[dict]) -> None:
     from rich.table import Table
 
@@ -523,13 +535,7 @@ def _print_tables(console, rows: list[dict]) -> None:
             table.add_column(name, justify="left" if i < 2 else "right")
         for line in cells:
             table.add_row(*line)
-        # Off a terminal (a log, a pipe) nothing limits the width: print the table whole, not cut
-        # to 80 columns of "…".
-        width = console.width
-        if not console.is_terminal:
-            console.width = max(width, console.measure(table, options=console.options.update_width(1000)).maximum)
-        console.print(table)
-        console.width = width
+        print_table(console, table)
     console.print(FLOPS_NOTE, style="dim", markup=False, highlight=False)
 
 

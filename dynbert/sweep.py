@@ -291,7 +291,9 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
                       s["status"], f"{s['score']:.4f}" if s.get("score") is not None else "",
                       f"{s['flops_ratio']:.3f}" if s.get("flops_ratio") is not None else "",
                       s.get("error", ""))
-    console.print(table)
+    from .report import print_table  # printed whole in logs, not cut to 80 columns
+
+    print_table(console, table)
     console.print(f"done {counts['done']}, skipped (already complete) {counts['skipped']}, "
                   f"failed {counts['failed']}"
                   + (f", interrupted {counts['interrupted']}" if counts["interrupted"] else "")

@@ -243,7 +243,9 @@ def _print_table(console, result: dict) -> None:
     for row in result["rows"]:
         table.add_row(row["setting"], f"{row['examples_per_second']:.1f}", f"{row['tokens_per_second']:.0f}",
                       f"{row['padding_fraction']:.0%}", f"{row['ratio_to_plain']:.2f}x")
-    console.print(table)
+    from .report import print_table  # printed whole in logs, not cut to 80 columns
+
+    print_table(console, table)
     for target in result["targets"]:
         verdict = "[green]met[/]" if target["met"] else "[red]not met[/]"
         console.print(f"{target['setting']} vs {target['versus']}: {target['ratio']:.2f}x "

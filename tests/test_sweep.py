@@ -102,6 +102,8 @@ def test_every_swept_key_gets_its_own_run_folder(tmp_path):
                          f"output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert summary(result.stderr) == "done 2, skipped (already complete) 0, failed 0"
+    # The summary table names each run whole, also in a log (it was cut to 80 columns: 'gates-…').
+    assert "gates-lambda0.1-seed0-method.score=cls_attention" in result.stderr
     folders = sorted(path.parent.name for path in tmp_path.glob("synthetic/*/metrics.json"))
     assert folders == ["gates-lambda0.1-seed0-method.score=attention_received",
                        "gates-lambda0.1-seed0-method.score=cls_attention"]
