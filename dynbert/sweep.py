@@ -367,8 +367,20 @@ def _main() -> None:
 
     # This process only schedules jobs: a stop signal is recorded, the jobs see it and stop.
     stop.install()
-    with stop.deferred():
-        hydra.main(config_path=None, config_name="config", version_base=None)(job)()
+    # Hydra prints any exception as a stack trace; raised instead, a stop in progress ends quietly
+    # (a launcher worker killed while it still started up: joblib's TerminatedWorkerError) and
+    # `dynbert sweep`, which sent the signal, says how to resume.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        with stop.deferred():
+            hydra.main(config_path=None, config_name="config", version_base=None)(job)()
+    except Exception as error:
+        if stop.requested() is not None:
+            sys.exit(128 + stop.requested())
+        if os.environ.get("DYNBERT_DEBUG"):
+            raise
+        print(f"error: the sweep's launcher failed: {first_line(error)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,31 @@ def _processes_marked(mark: str) -> list[int]:
     return found
 
 
+def test_a_launcher_worker_killed_by_the_stop_signal_ends_the_multirun_quietly(monkeypatch, capsys):
+    """SIGTERM while joblib's workers still start kills them before they handle it: joblib raises
+    TerminatedWorkerError, which Hydra printed as a 30-line trace before the sweep's own sentence."""
+    import hydra
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    from dynbert import stop, sweep
+
+    def launcher_dies(*args, **kwargs):
+        def run(task):
+            def multirun():
+                stop._handle(signal.SIGTERM, None)  # recorded (deferred), as the real signal is
+                raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated")
+            return multirun
+        return run
+
+    monkeypatch.setattr(hydra, "main", launcher_dies)
+    monkeypatch.setattr(stop, "_requested", None)
+    monkeypatch.setattr(stop, "install", lambda: None)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with pytest.raises(SystemExit) as stopped:
+        sweep._main()
+    assert stopped.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == ""
+
+
 def test_a_sweep_over_two_methods_runs_each_with_its_own_knob_and_the_report_shows_both(tmp_path):
     """λ goes to gates, method.keep to top-k (gates has no keep: it would not even compose)."""
     result = run_dynbert(*SWEEP, "method=gates,topk", "lambda=0.1", "method.keep=0.5,1.0", f"output_dir={tmp_path}")
