@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from .errors import DynbertError
 from .tasks import Example, TaskSpec, load_glue, make_synthetic
 
 GROUP_CHUNK_BATCHES = 50
@@ -29,7 +30,14 @@ def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
         splits = load_glue(spec, glue_data_dir(cfg, spec))
     limits = {"train": cfg.train.max_train_samples}
     limits.update({name: cfg.train.max_eval_samples for name in spec.eval_splits})
-    return {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
+    splits = {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
+    for name in spec.eval_splits if spec.is_regression else ():
+        scores = {example.label for example in splits[name]}
+        if len(scores) == 1:
+            # A correlation with constant labels is undefined: it would be reported as 0, silently.
+            raise DynbertError(f"every {name} score of {spec.name} is {scores.pop()}: a correlation with them is "
+                               "undefined; pass an evaluation set whose scores vary (or a larger train.max_eval_samples)")
+    return splits
 
 
 def glue_data_dir(cfg: DictConfig, spec: TaskSpec) -> str | None:

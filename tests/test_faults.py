@@ -72,6 +72,9 @@ def make_inputs(root):
     (root / "wide" / "train.tsv").write_text("x" * 1_000_000)
     write_glue_run_folder(root / "nul", "rte")
     (root / "nul" / "train.tsv").write_bytes(b"\x00" * 20_000)
+    # STS-B whose dev scores are all the same: no correlation to report.
+    constant = write_glue_run_folder(root / "stsb_constant", "stsb")
+    write_glue_tsv(constant, "stsb", [("A man plays.", "A man is playing.", "5.000")] * 3, "dev.tsv")
     # A run folder whose training never finished: its config, no weights.
     unfinished = root / "unfinished_run"
     unfinished.mkdir()
@@ -122,6 +125,8 @@ BAD_INPUTS = [
     ("seed past 2^63", [*TRAIN, "seed=9223372036854775809"], "seed=9223372036854775809 is not valid"),
     ("one eval example", [*RTE, "task=stsb", "task.data_dir={root}/rte", "train.max_eval_samples=1"],
      "train.max_eval_samples=1 is not valid"),
+    ("constant STS-B scores", [*RTE, "task=stsb", "task.data_dir={root}/stsb_constant"],
+     "every validation score of stsb is 5.0: a correlation with them is undefined"),
     ("fp16 on a CPU", [*TRAIN, "train.precision=fp16"], "train.precision=fp16 needs a CUDA GPU"),
     ("cuda without a GPU", [*TRAIN, "train.device=cuda"], "train.device=cuda but no CUDA GPU"),
     ("report --out a file", ["report", "{root}/corrupt_run", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
