@@ -69,6 +69,7 @@ from torch import nn
 
 from dynbert.core import SCORES, GatedModel, count_matmul_flops, flops_ratio
 from dynbert.encoders import adapter_class, adapter_for, supported_model_types
+from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
 from dynbert.methods.gates import Gates
 
@@ -499,8 +500,6 @@ def _print_table(console, result: dict) -> None:
                       row["mode"], f"{row['kept_fraction']:.2f}", f"{row['flops_ratio_analytic']:.3f}",
                       f"{row['flops_ratio_measured']:.3f}", f"{1000 * row['seconds_median']:.1f}",
                       f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}")
-    from .report import print_table  # printed whole in logs, not cut to 80 columns
-
     print_table(console, table)
 
 

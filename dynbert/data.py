@@ -31,12 +31,14 @@ def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
     limits = {"train": cfg.train.max_train_samples}
     limits.update({name: cfg.train.max_eval_samples for name in spec.eval_splits})
     splits = {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
-    for name in spec.eval_splits if spec.is_regression else ():
-        scores = {example.label for example in splits[name]}
-        if len(scores) == 1:
-            # A correlation with constant labels is undefined: it would be reported as 0, silently.
-            raise DynbertError(f"every {name} score of {spec.name} is {scores.pop()}: a correlation with them is "
-                               "undefined; pass an evaluation set whose scores vary (or a larger train.max_eval_samples)")
+    if spec.is_regression:
+        for name in spec.eval_splits:
+            scores = {example.label for example in splits[name]}
+            if len(scores) == 1:
+                # A correlation with constant labels is undefined: it would be reported as 0, silently.
+                raise DynbertError(f"every {name} score of {spec.name} is {scores.pop()}: a correlation with them "
+                                   "is undefined; pass an evaluation set whose scores vary (or a larger "
+                                   "train.max_eval_samples)")
     return splits
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text, check_writable_folder
 from dynbert.rundir import METRICS_FILE, read_metrics
 
@@ -511,18 +512,6 @@ def _check_formats(formats) -> list[str]:
     if unknown:
         raise DynbertError(f"Unknown report format {', '.join(map(repr, unknown))}: choose from {', '.join(FORMATS)}.")
     return wanted
-
-
-def print_table(console, table) -> None:
-    """Print a rich table; off a terminal (a log, a pipe) nothing limits the width, so it is
-    printed whole, not cut to 80 columns of '…'."""
-    width = console.width
-    if not console.is_terminal:
-        console.width = max(width, console.measure(table, options=console.options.update_width(1000)).maximum)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
 
 
 def _print_tables(console, rows: list[dict]) -> None:

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import knob_key
+from .console import print_table
 from .errors import DynbertError, atomic_write_json, first_line
 
 _SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
@@ -291,8 +292,6 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
                       s["status"], f"{s['score']:.4f}" if s.get("score") is not None else "",
                       f"{s['flops_ratio']:.3f}" if s.get("flops_ratio") is not None else "",
                       s.get("error", ""))
-    from .report import print_table  # printed whole in logs, not cut to 80 columns
-
     print_table(console, table)
     console.print(f"done {counts['done']}, skipped (already complete) {counts['skipped']}, "
                   f"failed {counts['failed']}"

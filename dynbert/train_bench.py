@@ -49,6 +49,7 @@ from dynbert.bench import check_out, machine, resolve_device, synchronize
 from dynbert.config import compose_config
 from dynbert.data import GROUP_CHUNK_BATCHES, collate, encode, epoch_batches, load_splits
 from dynbert.encoders import adapter_for
+from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_json
 from dynbert.methods import NoPruning
 from dynbert.modeling import build_model, make_gated_model
@@ -243,8 +244,6 @@ def _print_table(console, result: dict) -> None:
     for row in result["rows"]:
         table.add_row(row["setting"], f"{row['examples_per_second']:.1f}", f"{row['tokens_per_second']:.0f}",
                       f"{row['padding_fraction']:.0%}", f"{row['ratio_to_plain']:.2f}x")
-    from .report import print_table  # printed whole in logs, not cut to 80 columns
-
     print_table(console, table)
     for target in result["targets"]:
         verdict = "[green]met[/]" if target["met"] else "[red]not met[/]"
