@@ -3,6 +3,11 @@ what λ does, bf16 and CPU runs, and what mixed precision may and may not change
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +120,15 @@ def test_bf16_on_a_cpu_that_only_emulates_it_says_so(tmp_path, monkeypatch, nati
     result = invoke("train", *FAST, *SYNTHETIC, "train.precision=bf16", "train.device=cpu", f"output_dir={tmp_path}")
     assert result.exit_code == 0, result.output
     assert ("bf16 is emulated" in result.stderr) is not native
+
+
+def test_the_bf16_benchmark_script_reproduces_the_runs_own_fp32_score(tmp_path):
+    """benchmarks/bf16_eval.py (the README's bf16 figures): its fp32 pass is the run's own evaluation."""
+    run = tmp_path / "run"
+    metrics = train(compose_config([*FAST, *SYNTHETIC, "lambda=0.3", f"output_dir={run}"]))
+    script = Path(__file__).parents[1] / "benchmarks" / "bf16_eval.py"
+    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["fp32"] == metrics["score"] and summary["examples"] == 32
+    assert 0 <= summary["same_kept_tokens"] <= 1 and 0 <= summary["same_prediction"] <= 1
