@@ -38,7 +38,9 @@ def _handle(signum, frame):  # noqa: ARG001 - the signal module's signature
 def install() -> None:
     """Route SIGINT and SIGTERM through dynbert (main thread only; elsewhere a no-op).
 
-    A handler someone else installed (submitit's, which requeues the job itself) is left alone.
+    A handler someone else installed (submitit's, which requeues the job itself) is left alone, and
+    so is an ignored signal: a job a script starts in the background (`cmd &`) inherits SIGINT
+    ignored, so that Ctrl-C at the terminal does not stop it.
     """
     if threading.current_thread() is not threading.main_thread():
         return

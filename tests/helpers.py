@@ -46,6 +46,9 @@ def train_stopping_at(step: int, action: str, *args: str, timeout: float = 120) 
     stop = "os._exit(137)" if action == "KILL" else f"os.kill(os.getpid(), signal.{action})"
     code = (
         "import os, signal, sys\n"
+        # Ctrl-C as at a terminal: a job that a script started in the background (`cmd &`, nohup)
+        # inherits SIGINT ignored, and dynbert rightly leaves an ignored SIGINT ignored.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import dynbert.train as train\n"
         "save, stopped = train.save_checkpoint, []\n"
         "def save_then_stop(path, state):\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import (AlbertConfig, AlbertModel, BertConfig, BertForSequenceClassification, GPT2Config,
                           GPT2Model)
 
+from dynbert import stop
 from dynbert.config import compose_config
 from dynbert.modeling import train_wordpiece
 
@@ -290,3 +292,21 @@ def test_results_keep_the_users_umask_not_0600(tmp_path):
     assert {"metrics.json", "config.yaml", "model.safetensors", "method.safetensors"} <= {p.name for p in written}
     assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
         path.name: oct(FILE_MODE) for path in written}
+
+
+def test_an_ignored_sigint_stays_ignored_and_a_default_one_is_routed_through_dynbert():
+    """A job started in the background by a script inherits SIGINT ignored (so Ctrl-C at the
+    terminal leaves it running): dynbert must keep it so, and take over only default handlers."""
+    saved = {signum: signal.getsignal(signum) for signum in stop.SIGNALS}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is stop._handle
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.install()
+        assert signal.getsignal(signal.SIGINT) is stop._handle
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
