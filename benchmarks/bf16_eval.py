@@ -3,7 +3,8 @@ the same tokens, give the same predictions and the same score? (README, "GPUs, m
 
     python benchmarks/bf16_eval.py outputs/sweeps/glue-minilm/sst2/gates-lambda0.1-seed0 [--limit N]
 
-Prints one line per precision and one of agreement. bf16 here is autocast on the CPU (emulated,
+Prints one line per precision and one of agreement (same_prediction is exact equality: for
+classification tasks). bf16 here is autocast on the CPU (emulated,
 and slow, where the CPU lacks AVX512-BF16 and AMX); on a GPU pass --device cuda.
 """
 
@@ -22,7 +23,7 @@ from dynbert.tasks import compute_metrics, get_task
 
 
 @torch.no_grad()
-def hard_outputs(gated, data, indices, device, bf16: bool, batch_size: int = 64):
+def hard_outputs(gated, data, indices, spec, device, bf16: bool, batch_size: int = 64):
     """Predictions and (batch-independent) kept-token masks of every example in ``indices``."""
     predictions, present = [], []
     for start in range(0, len(indices), batch_size):
@@ -30,7 +31,7 @@ def hard_outputs(gated, data, indices, device, bf16: bool, batch_size: int = 64)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True)
         logits = out.logits.float().cpu()
-        predictions += (logits.squeeze(-1) if logits.size(-1) == 1 else logits.argmax(-1)).tolist()
+        predictions += (logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).tolist()
         length = batch.input_ids.size(1)
         present += [row[:, :length] for row in out.present.cpu()]
     return predictions, present
@@ -39,7 +40,7 @@ def hard_outputs(gated, data, indices, device, bf16: bool, batch_size: int = 64)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    parser.add_argument("--limit", type=int, default=None, help="only the N shortest examples")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     cfg = load_run_config(args.run)
@@ -54,7 +55,7 @@ def main() -> None:
     labels = [data.labels[i].item() for i in indices]
     result = {}
     for name, bf16 in (("fp32", False), ("bf16", True)):
-        predictions, present = hard_outputs(gated, data, indices, device, bf16)
+        predictions, present = hard_outputs(gated, data, indices, spec, device, bf16)
         score = compute_metrics(spec, predictions, labels)[spec.main_metric]
         result[name] = dict(score=score, predictions=predictions, present=present)
         print(f"{name}: {spec.main_metric} {100 * score:.2f} on {len(indices)} {split} examples", flush=True)
