@@ -67,9 +67,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dynbert.console import print_table
 from dynbert.core import SCORES, GatedModel, count_matmul_flops, flops_ratio
 from dynbert.encoders import adapter_class, adapter_for, supported_model_types
-from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
 from dynbert.methods.gates import Gates
 

@@ -47,9 +47,9 @@ from torch import nn
 
 from dynbert.bench import check_out, machine, resolve_device, synchronize
 from dynbert.config import compose_config
+from dynbert.console import print_table
 from dynbert.data import GROUP_CHUNK_BATCHES, collate, encode, epoch_batches, load_splits
 from dynbert.encoders import adapter_for
-from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_json
 from dynbert.methods import NoPruning
 from dynbert.modeling import build_model, make_gated_model
