@@ -132,3 +132,22 @@ def test_the_bf16_benchmark_script_reproduces_the_runs_own_fp32_score(tmp_path):
     summary = json.loads(done.stdout.splitlines()[-1])
     assert summary["fp32"] == metrics["score"] and summary["examples"] == 32
     assert 0 <= summary["same_kept_tokens"] <= 1 and 0 <= summary["same_prediction"] <= 1
+
+
+def test_the_ltp_start_script_reports_what_the_starting_thresholds_keep():
+    """benchmarks/ltp_start.py (the README's "LTP at its starting thresholds" figures): a threshold
+    of 0 keeps every token, one above any attention keeps CLS alone after the first layer."""
+    script = Path(__file__).parents[1] / "benchmarks" / "ltp_start.py"
+
+    def kept(threshold):
+        done = subprocess.run([sys.executable, str(script), *SYNTHETIC, f"method.threshold={threshold}",
+                               "--examples", "40"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        line = done.stdout.splitlines()[-1]
+        length = float(line.split("mean length ")[1].split()[0])
+        return length, [float(share.rstrip("%")) for share in line.split(": ")[1].split()]
+
+    length, shares = kept(0)
+    assert shares == [100.0] * len(shares)
+    _, shares = kept(100)
+    assert shares == [round(100 / length)] * len(shares)  # one CLS per input
