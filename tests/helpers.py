@@ -32,8 +32,9 @@ def dynbert_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "dynbert.cli", *map(str, args)]
 
 
-def run_dynbert(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`dynbert ARGS` as its own process (what a sweep or a kill needs)."""
+def run_dynbert(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`dynbert ARGS` as its own process (what a sweep or a kill needs). The timeout only guards
+    against a hang: a 4-run sweep took over 120 s beside two training runs."""
     return subprocess.run(dynbert_command(*args), capture_output=True, text=True, timeout=timeout)
 
 
