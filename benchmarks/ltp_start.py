@@ -18,7 +18,7 @@ import torch
 from dynbert.config import compose_config
 from dynbert.data import collate, encode, load_splits
 from dynbert.modeling import build_model, make_gated_model
-from dynbert.tasks import get_task
+from dynbert.tasks import all_texts, get_task
 
 
 @torch.no_grad()
@@ -27,8 +27,7 @@ def kept_at_start(overrides: list[str], examples: int, batch_size: int = 64) -> 
     cfg = compose_config([*overrides, "method=ltp"])
     spec = get_task(cfg.task.name)
     splits = load_splits(cfg, spec)
-    texts = [t for e in splits["train"] for t in (e.text_a, e.text_b) if t]  # a tiny model's tokenizer learns them
-    model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, texts)
+    model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(splits["train"]))
     gated = make_gated_model(model, cfg.method, cfg.task.max_length).eval()
     data = encode(splits[spec.eval_splits[0]][:examples], tokenizer, cfg.task.max_length, spec)
     count = len(data.input_ids)

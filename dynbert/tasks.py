@@ -32,6 +32,11 @@ class Example:
     """Synthetic only: indices in ``text_a.split()`` of the cue words and their negators."""
 
 
+def all_texts(examples: list[Example]) -> list[str]:
+    """Every text of these examples, both sides of a pair: what a tiny model's tokenizer learns."""
+    return [text for example in examples for text in (example.text_a, example.text_b) if text]
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str

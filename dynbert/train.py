@@ -30,7 +30,7 @@ from .evaluate import evaluate, pruning_warnings
 from .modeling import build_model, load_model, make_gated_model, save_model
 from .rundir import (CHECKPOINT_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
                      load_checkpoint, load_run_config, read_complete_metrics, save_checkpoint)
-from .tasks import TaskSpec, get_task
+from .tasks import TaskSpec, all_texts, get_task
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 """train.precision -> Accelerate's mixed_precision."""
@@ -100,8 +100,7 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
 
     spec = get_task(cfg.task.name)
     splits = load_splits(cfg, spec)
-    texts = [t for e in splits["train"] for t in (e.text_a, e.text_b) if t]
-    model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, texts)
+    model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(splits["train"]))
     gated = make_gated_model(model, cfg.method, cfg.task.max_length)
     encoded = {name: encode(examples, tokenizer, cfg.task.max_length, spec) for name, examples in splits.items()}
 

@@ -53,7 +53,7 @@ from dynbert.encoders import adapter_for
 from dynbert.errors import DynbertError, atomic_write_json
 from dynbert.methods import NoPruning
 from dynbert.modeling import build_model, make_gated_model
-from dynbert.tasks import TASKS, get_task
+from dynbert.tasks import TASKS, all_texts, get_task
 from dynbert.train import _optimizer, _scheduler, make_accelerator, train_step
 
 TRAIN_BENCH_FILE = "train_bench.json"
@@ -161,8 +161,7 @@ def _bench(cfg, preset: dict, device: torch.device, console) -> dict:
     if steps < 1:
         raise DynbertError(f"task {spec.name} has {len(examples)} training examples, fewer than one batch "
                            f"of {batch_size}")
-    texts = [text for example in examples for text in (example.text_a, example.text_b) if text]
-    hf_model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, texts)
+    hf_model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(examples))
     pool = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))[: steps * batch_size]
     encoded = encode([examples[i] for i in pool.tolist()], tokenizer, cfg.task.max_length, spec)
     real_tokens = sum(encoded.lengths)

@@ -15,7 +15,7 @@ from dynbert.config import compose_config
 from dynbert.data import collate, encode, load_splits
 from dynbert.evaluate import predict
 from dynbert.modeling import build_model
-from dynbert.tasks import get_task
+from dynbert.tasks import all_texts, get_task
 from dynbert.train import load_run, train
 
 from helpers import FAST, SYNTHETIC, read_json
@@ -63,8 +63,7 @@ def test_bf16_evaluation_matches_fp32_and_hard_matches_soft(tmp_path):
     train(cfg)
     gated, spec = load_run(tmp_path), get_task("synthetic")
     splits = load_splits(cfg, spec)
-    texts = [t for e in splits["train"] for t in (e.text_a, e.text_b) if t]
-    _, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, texts)
+    _, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(splits["train"]))
     data = encode(splits["validation"], tokenizer, cfg.task.max_length, spec)
 
     def bf16():
