@@ -155,6 +155,11 @@ class TokenPruner(nn.Module):
         factor on lr at each step (``schedule(step, total_steps)``)."""
         return []
 
+    def schedule_warning(self, total_steps: int) -> str | None:
+        """Why a run of ``total_steps`` optimizer steps can hardly prune, known before it trains
+        (None: no such reason). Printed at the start and kept in metrics.json's warnings."""
+        return None
+
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called before every optimizer step (and once when resuming): stage changes go here."""
 

@@ -111,6 +111,9 @@ def pruning_warnings(metrics: dict, lam: float, method: TokenPruner) -> list[str
     if not method.layers:
         return []
     warnings = []
+    schedule = method.schedule_warning(metrics["steps"]) if method.knob_active(lam) and "steps" in metrics else None
+    if schedule:
+        warnings.append(schedule)
     if method.knob_active(lam) and metrics["flops_ratio"] > 0.995:
         warnings.append(f"no token was pruned (FLOPs ratio {metrics['flops_ratio']:.3f}): {method.never_pruned_advice}")
     decided = metrics.get("decided")

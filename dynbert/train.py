@@ -230,6 +230,10 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
     method = gated.method  # the same module whether or not Accelerate wraps the model
+    schedule_warning = method.schedule_warning(total_steps) if method.knob_active(float(cfg["lambda"])) else None
+    if schedule_warning and accelerator.is_main_process:
+        console.print(f"[yellow]warning:[/] {schedule_warning}", highlight=False, soft_wrap=True)
+        logger.warning(schedule_warning)
     if method.idle_parameters:
         # Several processes: DDP waits for every parameter's gradient unless told some may have none.
         from accelerate.utils import DistributedDataParallelKwargs

@@ -281,6 +281,18 @@ def test_power_bert_stages_the_lr_and_the_l1_pull():
     assert grad[0, 1:].tolist() == pytest.approx([0.5] * 7) and grad[1, 1:].tolist() == pytest.approx([1.5] * 7)
 
 
+def test_power_bert_warns_when_its_search_is_too_short_for_the_weights_to_fall():
+    """RTE's 79 search steps at the default lr 3e-3 left every weight above 0.61 and cut nothing:
+    a user must hear that before training, with the lr that would reach."""
+    short = PowerBert([0, 1], max_length=8, lr=3e-3).schedule_warning(234)  # RTE: 3 epochs of 78 steps
+    assert short.startswith("the search has 79 optimizer step(s) at method.lr=0.003")
+    assert "about 0.24" in short and "raise method.lr to about 1/79 = 0.013" in short
+    assert PowerBert([0, 1], max_length=8, lr=3e-3).schedule_warning(750) is None  # SST-2: 255 steps, 0.77
+    assert PowerBert([0, 1], max_length=8, lr=0.03).schedule_warning(234) is None
+    empty = PowerBert([0, 1], max_length=8, start=0.5, retrain_at=0.6).schedule_warning(1)
+    assert "holds none of the run's 1 optimizer step(s)" in empty
+
+
 def test_power_bert_retention_survives_a_kill_and_resume(tmp_path):
     args = [*FAST, *SYNTHETIC, "method=power_bert", "method.lr=0.5", "lambda=1", "train.max_steps=8",
             "train.checkpoint_every=1"]

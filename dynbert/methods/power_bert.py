@@ -30,6 +30,11 @@ from .stages import lr_window, reached
 
 # A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
 _FLOOR_SLACK = 1e-4
+# An AdamW step moves a retention weight by about its lr whatever λ's pull (Adam divides the
+# gradient by its own running scale), so the search lowers a weight from 1 by about lr × its steps.
+# Measured with MiniLM (docs/methods.md): at 0.35 (MRPC) and 0.24 (RTE) little was cut, at 0.77
+# (SST-2) the weights reached 0.
+_LEAST_REACH = 0.5
 
 
 def retention_from(weights: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,20 @@ class PowerBert(TokenPruner):
             return None
         sparsity = lam * (self.depth * self.retention_weights().sum(dim=1)).sum()
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
+
+    def schedule_warning(self, total_steps: int) -> str | None:
+        search = lr_window(self.start, self.retrain_at)
+        steps = sum(int(search(step, total_steps)) for step in range(total_steps))
+        if steps == 0:
+            return (f"the search (method.start={self.start} to method.retrain_at={self.retrain_at}) holds none of "
+                    f"the run's {total_steps} optimizer step(s), so nothing will be pruned: train longer or widen it")
+        reach = self.lr * steps
+        if reach >= _LEAST_REACH:
+            return None
+        return (f"the search has {steps} optimizer step(s) at method.lr={self.lr:g}, and a step moves a retention "
+                f"weight by about its lr, so from 1 the weights can fall by only about {reach:.2f} and few tokens "
+                f"will be cut: raise method.lr to about 1/{steps} = {1 / steps:.2g} "
+                f"or more, or train longer")
 
     def param_groups(self) -> list[dict]:
         return [dict(params=[self.retention_weights.raw], lr=self.lr, weight_decay=0.0,
