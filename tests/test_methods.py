@@ -287,6 +287,7 @@ def test_power_bert_warns_when_its_search_is_too_short_for_the_weights_to_fall()
     short = PowerBert([0, 1], max_length=8, lr=3e-3).schedule_warning(234)  # RTE: 3 epochs of 78 steps
     assert short.startswith("the search has 79 optimizer step(s) at method.lr=0.003")
     assert "about 0.24" in short and "raise method.lr to about 1/79 = 0.013" in short
+    assert "and lower lambda with it" in short  # a larger lr at the same lambda collapsed RTE to CLS
     assert PowerBert([0, 1], max_length=8, lr=3e-3).schedule_warning(750) is None  # SST-2: 255 steps, 0.77
     assert PowerBert([0, 1], max_length=8, lr=0.03).schedule_warning(234) is None
     empty = PowerBert([0, 1], max_length=8, start=0.5, retrain_at=0.6).schedule_warning(1)
