@@ -17,6 +17,9 @@ from .tasks import TaskSpec, compute_metrics
 
 DECIDED_WANTED = 0.95
 """Below this fraction of soft decisions at 0 or 1, the run warns that rounding changed the model."""
+ONE_CLASS_SHARE = 0.95
+"""From this share of dev predictions in one class, the run warns that its score is that class's.
+(No GLUE dev set is that skewed: MRPC's 68% positive is the most.)"""
 
 
 @torch.no_grad()
@@ -100,17 +103,44 @@ def evaluate(gated: GatedModel, encoded: dict[str, Encoded], spec: TaskSpec, bat
                 metrics["cue_kept"] = cue_per_layer[-2] if cue_per_layer and len(cue_per_layer) > 1 else None
                 if spec.is_regression:
                     metrics["hard_soft_agreement"] = None
+                    metrics["most_predicted"] = None
                 else:
+                    metrics["most_predicted"] = most_predicted(spec, result["predictions"], data.labels)
                     same = soft_preds[split] == result["predictions"]
                     metrics["hard_soft_agreement"] = same.float().mean().item()
     return metrics
 
 
-def pruning_warnings(metrics: dict, lam: float, method: TokenPruner) -> list[str]:
-    """What a user must hear when pruning silently did nothing, or rounding changed the model."""
+def most_predicted(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The class predicted most, its share of the predictions and the score of always answering it:
+    a model that collapsed to one class scores about that, having learned nothing."""
+    counts = torch.bincount(predictions, minlength=spec.num_labels)
+    label = int(counts.argmax())
+    constant = compute_metrics(spec, [label] * len(labels), labels.tolist())[spec.main_metric]
+    return dict(label=spec.label_names[label], share=counts[label].item() / len(predictions), constant_score=constant)
+
+
+def one_class_warning(metrics: dict) -> str | None:
+    """Dev predictions (nearly) all one class: a score that looks like a result and is a collapse."""
+    most = metrics.get("most_predicted")
+    if not most or most["share"] < ONE_CLASS_SHARE:
+        return None
+    kept = metrics["kept_per_layer"][-1]
+    advice = (f"prune less than {metrics['knob']}={metrics['knob_value']:g} does (after the last layer "
+              f"{100 * kept:.0f}% of the tokens were left)" if metrics.get("knob") and kept < 1
+              else "train longer or change train.lr")
+    return (f"{100 * most['share']:.0f}% of the dev predictions are '{most['label']}', and always answering it "
+            f"scores {most['constant_score']:.4f} (this run: {metrics['score']:.4f}): the model learned next to "
+            f"nothing; {advice}, or try another seed")
+
+
+def run_warnings(metrics: dict, lam: float, method: TokenPruner) -> list[str]:
+    """What a user must hear when the model collapsed to one class, pruning silently did nothing, or
+    rounding changed the model."""
+    collapsed = one_class_warning(metrics)
+    warnings = [collapsed] if collapsed else []
     if not method.layers:
-        return []
-    warnings = []
+        return warnings
     schedule = method.schedule_warning(metrics["steps"]) if method.knob_active(lam) and "steps" in metrics else None
     if schedule:
         warnings.append(schedule)

@@ -26,7 +26,7 @@ from .config import knob_key
 from .core import GatedModel, GatedOutput, RegularizerParts
 from .data import Batch, Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
-from .evaluate import evaluate, pruning_warnings
+from .evaluate import evaluate, run_warnings
 from .modeling import build_model, load_model, make_gated_model, save_model
 from .rundir import (CHECKPOINT_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
                      load_checkpoint, load_run_config, read_complete_metrics, save_checkpoint)
@@ -121,7 +121,7 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         knob = knob_key(cfg.method)
         metrics["knob"] = knob
         metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob))
-        metrics["warnings"] = pruning_warnings(metrics, lam, gated.method)
+        metrics["warnings"] = run_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         logger.info("done: %s", {k: metrics[k] for k in ("score", "score_soft", "flops_ratio", "warnings")})

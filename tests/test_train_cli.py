@@ -50,6 +50,10 @@ def test_train_writes_the_run_folder(tmp_path, task):
     assert all(math.isfinite(value) for value in metrics["metrics"].values())
     assert math.isfinite(metrics["score_soft"])
     assert len(metrics["kept_per_layer"]) == 2
+    if task == "stsb":
+        assert metrics["most_predicted"] is None
+    else:  # the class predicted most, its share and the score of always answering it
+        assert set(metrics["most_predicted"]) == {"label", "share", "constant_score"}
     assert metrics["flops_ratio"] == pytest.approx(metrics["flops_per_example"] / metrics["baseline_flops_per_example"])
     assert MODEL_FILES <= {path.name for path in (run_dir / "model").iterdir()}
     assert OmegaConf.load(run_dir / "config.yaml").task.name == task
@@ -66,7 +70,7 @@ def test_a_run_that_pruned_nothing_says_so_and_what_to_change(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = read_json(tmp_path / "metrics.json")
     assert metrics["flops_ratio"] == pytest.approx(1.0)
-    [warning] = metrics["warnings"]
+    [warning] = not_one_class(metrics["warnings"])
     assert warning.startswith("no token was pruned (FLOPs ratio 1.000)") and "method.start" in warning
     assert f"warning: {warning}" in " ".join(result.stderr.split())
 
@@ -75,7 +79,13 @@ def test_a_run_that_asked_for_no_pruning_is_not_warned_that_it_pruned_nothing(tm
     """λ = 0 and gates that stay exactly open (method.lr=0): FLOPs ratio 1.0 is what was asked for."""
     result = invoke("train", *FAST, *SYNTHETIC, "lambda=0", "method.lr=0", f"output_dir={tmp_path}")
     assert result.exit_code == 0, result.output
-    assert read_json(tmp_path / "metrics.json")["warnings"] == [] and "warning" not in result.stderr
+    assert not_one_class(read_json(tmp_path / "metrics.json")["warnings"]) == []
+    assert "no token was pruned" not in result.stderr
+
+
+def not_one_class(warnings: list[str]) -> list[str]:
+    """A 4-step run of a tiny model answers one class, and says so: that warning is not these tests'."""
+    return [warning for warning in warnings if "of the dev predictions are" not in warning]
 
 
 def test_train_seconds_is_the_training_loops_time(tmp_path):
