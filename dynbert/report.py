@@ -124,6 +124,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     keep = 1), None without such a run; the baseline row is compared with the paper's gates at λ = 0.
     `delta_baseline` is score_mean minus the task's un-pruned baseline's (None without one): what
     "within 1 point" is measured by. `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs).
+    `warned` counts the runs whose metrics.json holds warnings (a collapse to one class, pruning that
+    did nothing, rounding that changed the model).
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
@@ -133,7 +135,8 @@ def summarize(runs: list[dict]) -> list[dict]:
         metrics = Counter(run["metric"] for run in members)
         row = {"task": task, "metric": "/".join(sorted(metrics)), "baseline": baseline, "method": method,
                "knob": knob, "knob_value": value, "lambda": value if knob == "lambda" else None,
-               "n": len(members), "seeds": sorted(run["seed"] for run in members)}
+               "n": len(members), "seeds": sorted(run["seed"] for run in members),
+               "warned": sum(1 for run in members if run.get("warnings"))}
         for name, read in _SUMMARY_FIELDS.items():
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([read(run) for run in members])
         ratio = row["flops_ratio_mean"]
@@ -229,9 +232,10 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = rows[0]["metric"]
     with_cue = any(row["cue_kept_mean"] is not None for row in rows)
     with_agreement = any(row["agreement_mean"] is not None for row in rows)
+    with_warned = any(row["warned"] for row in rows)
     header = ["method", "knob", "value", f"{metric} (hard)", "Δ vs baseline", "Δ vs knob off", "FLOPs/example",
               "FLOPs ratio", "reduction", "kept, last layer"] + (["cue kept"] if with_cue else []) + (
-              ["hard = soft"] if with_agreement else []) + ["runs"]
+              ["hard = soft"] if with_agreement else []) + ["runs"] + (["warned"] if with_warned else [])
     cells = []
     for row in rows:
         line = [row["method"], knob_symbol(row["knob"]), format_lambda(row["knob_value"]),
@@ -247,6 +251,8 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if with_agreement:
             line.append(_percent(row["agreement_mean"], row["agreement_std"]))
         line.append(str(row["n"]))
+        if with_warned:
+            line.append(str(row["warned"]) if row["warned"] else "")
         cells.append(line)
     return header, cells
 
@@ -277,9 +283,25 @@ def _markdown(folder: Path, runs: list[dict], bad: list, rows: list[dict], figur
         lines.append("")
     if figure:
         lines += [f"![Score against relative FLOPs]({figure})", ""]
+    warned = _run_warnings(folder, runs)
+    if warned:
+        lines += ["## Run warnings", ""] + [f"- `{run_dir}`: {warning}" for run_dir, warning in warned] + [""]
     if bad:
         lines += ["## Skipped files", ""] + [f"- `{path}`: {why}" for path, why in bad] + [""]
     return "\n".join(lines)
+
+
+def _run_warnings(folder: Path, runs: list[dict]) -> list[tuple[str, str]]:
+    """(run folder relative to `folder`, warning) for every warning of every run, in folder order."""
+    return [(_relative(run["run_dir"], folder), warning)
+            for run in sorted(runs, key=lambda run: str(run["run_dir"])) for warning in run.get("warnings") or []]
+
+
+def _relative(run_dir: Path, folder: Path) -> str:
+    try:
+        return run_dir.relative_to(folder).as_posix()
+    except ValueError:
+        return str(run_dir)
 
 
 # --------------------------------------------------------------------------------------------------- CSV
@@ -310,10 +332,7 @@ def _csv(folder: Path, runs: list[dict]) -> str:
     for run in sorted(runs, key=order):
         flat: dict = {}
         _flatten({k: v for k, v in run.items() if k != "run_dir"}, "", flat)
-        try:
-            flat["run_dir"] = run["run_dir"].relative_to(folder).as_posix()
-        except ValueError:
-            flat["run_dir"] = str(run["run_dir"])
+        flat["run_dir"] = _relative(run["run_dir"], folder)
         flat_runs.append(flat)
     present = set().union(*flat_runs) if flat_runs else set()
     columns = [c for c in _CSV_FIRST if c in present] + sorted(present - set(_CSV_FIRST), key=_natural)
@@ -562,6 +581,8 @@ def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...]
 
     rows = summarize(runs)
     _print_tables(console, rows)
+    for run_dir, warning in _run_warnings(folder, runs):
+        console.print(f"[yellow]warning:[/] {escape(run_dir)}: {escape(warning)}", highlight=False, soft_wrap=True)
 
     written = []
     figure = None

@@ -164,6 +164,22 @@ def test_write_report_files(tmp_path):
     assert "sst2" in printed and "synthetic" in printed and "baseline" in printed
 
 
+def test_a_run_that_warned_is_counted_in_its_row_and_its_warning_shown(tmp_path):
+    """A collapsed run's score sits in a table like any other: its row must say a run warned, and why."""
+    collapse = "100% of the dev predictions are 'negative', and always answering it scores 0.5000"
+    write_run(tmp_path, "sst2/gates-lambda0.1-seed0", score=0.5, flops_ratio=0.1, warnings=[collapse], **{"lambda": 0.1})
+    write_run(tmp_path, "sst2/gates-lambda0.1-seed1", seed=1, score=0.9, flops_ratio=0.5, warnings=[], **{"lambda": 0.1})
+    write_run(tmp_path, "sst2/gates-lambda0-seed0", score=0.9)  # written before runs had warnings
+    rows = summarize(load_runs(tmp_path)[0])
+    assert [row["warned"] for row in rows] == [0, 1]
+    console = quiet()
+    write_report(tmp_path, formats=("md",), console=console)
+    md = (tmp_path / "report.md").read_text()
+    assert "| runs | warned |" in md and "| 2 | 1 |" in md
+    assert f"## Run warnings\n\n- `sst2/gates-lambda0.1-seed0`: {collapse}" in md
+    assert f"warning: sst2/gates-lambda0.1-seed0: {collapse}" in " ".join(console.file.getvalue().split())
+
+
 def test_only_requested_formats_and_default_out(tmp_path):
     make_sweep(tmp_path)
     paths = write_report(tmp_path, formats=("csv",), console=quiet())
