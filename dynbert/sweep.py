@@ -182,6 +182,8 @@ def _values(line: str) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     override = OverridesParser.create().parse_overrides([line])[0]
+    if not override.is_sweep_override():  # one value, as `lambda: 0.2` in an experiment's sweep.params
+        return [override.get_value_element_as_str()]
     return [str(value) for value in override.sweep_iterator()]
 
 

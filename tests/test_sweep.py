@@ -261,3 +261,15 @@ def test_plan_gives_each_method_its_own_grid_and_routes_keys_to_the_methods_that
         plan_sweep(["method=gates,ltp", "method.keep=0.5"])
     with pytest.raises(DynbertError, match="lambda is the knob of .*no swept method \\(topk\\)"):
         plan_sweep(["method=topk", "lambda=0,0.1"])
+
+
+def test_one_value_in_an_experiments_sweep_params_plans_one_value():
+    # `lambda: 0.2` in sweep.params (experiment=glue-minilm-sst2-8ep) used to stop the sweep with
+    # Hydra's "Can only enumerate CHOICE and RANGE sweeps" before any run.
+    from dynbert.sweep import plan_jobs, plan_sweep
+
+    folder, runs, cfg = plan_sweep(["experiment=glue-minilm-sst2-8ep"])
+    jobs = plan_jobs(folder, runs)
+    assert cfg.train.epochs == 8 and folder == Path("outputs/sweeps/glue-minilm-sst2-8ep")
+    assert sorted(str(run_dir.relative_to(folder)) for run_dir, _ in jobs) == [
+        f"sst2/{name}-seed{seed}" for name in ("gates-lambda0.2", "none-lambda0") for seed in (0, 1, 2)]
