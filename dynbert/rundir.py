@@ -281,10 +281,27 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
+    """The keys whose values make two run configs different runs.
+
+    Execution keys do not, nor ``method.*`` keys that neither run's method declares: an
+    experiment's ``method.start: 0.3`` lands on its baseline's config too (Hydra merges it into
+    whichever method is chosen), and ``method=none`` never reads it, so its finished runs still count.
+    """
     flat_old, flat_new = _flatten(OmegaConf.to_container(old)), _flatten(OmegaConf.to_container(new))
+    declared_old, declared_new = _declared_method_keys(old), _declared_method_keys(new)
+    declared = None if declared_old is None or declared_new is None else declared_old | declared_new
     keys = sorted(set(flat_old) | set(flat_new))
     return [k for k in keys if flat_old.get(k) != flat_new.get(k)
-            and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)]
+            and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)
+            and (declared is None or not k.startswith("method.") or k.split(".")[1] in declared)]
+
+
+def _declared_method_keys(cfg: DictConfig) -> set[str] | None:
+    """The keys conf/method/<name>.yaml gives the run's method; None (all count) for an unknown one."""
+    from .config import conf_dir
+
+    path = conf_dir() / "method" / f"{OmegaConf.select(cfg, 'method.name')}.yaml"
+    return set(OmegaConf.load(path)) if path.is_file() else None
 
 
 def _flatten(tree, prefix: str = "") -> dict:

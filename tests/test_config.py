@@ -121,3 +121,18 @@ def test_a_home_folder_in_a_value_is_expanded_as_a_shell_would():
     cfg = compose_config(["task=sst2", "task.data_dir=~/glue/SST-2", "output_dir=~/runs/x"])
     assert cfg.task.data_dir == str(Path.home() / "glue" / "SST-2")
     assert cfg.output_dir == str(Path.home() / "runs" / "x")
+
+
+def test_a_method_key_the_baseline_does_not_have_keeps_its_finished_runs():
+    # experiment=glue-minilm-sst2-8ep adds method.start: 0.3 to the 8-epoch layers-3-6 setting;
+    # Hydra merges it into method=none too. The baseline computes the same run with or without it,
+    # so its finished folders must be skipped, not refused; the gates' start is a different run.
+    from dynbert.rundir import differing_keys
+
+    before = ["experiment=glue-minilm-layers2to5", "train.epochs=8", "task=sst2"]
+    after = ["experiment=glue-minilm-sst2-8ep", "task=sst2"]
+    baseline_before, baseline_after = (compose_config([*o, "method=none", "lambda=0"]) for o in (before, after))
+    assert OmegaConf.select(baseline_after, "method.start") == 0.3  # the key does land on the baseline
+    assert differing_keys(baseline_before, baseline_after) == []
+    assert differing_keys(compose_config(before), compose_config(after)) == ["method.start"]
+    assert "method.name" in differing_keys(baseline_after, compose_config(after))
