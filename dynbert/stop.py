@@ -1,17 +1,22 @@
 """Stopping cleanly on Ctrl-C and SIGTERM (what SLURM, `timeout` and `docker stop` send).
 
-A signal raises ``Interrupted`` (a KeyboardInterrupt), so the training loop saves a checkpoint
-and every ``with`` block (the run folder's lock) unwinds. Processes that run several jobs (the
-sweep's) *defer* signals between jobs: the signal is only recorded, the running job still stops
-at its next step, and the jobs not yet started see ``requested()`` and do not start. Every signal
-is recorded, so a job stopped mid-training also keeps the next one from starting.
+A signal raises ``Interrupted`` (a KeyboardInterrupt), so every ``with`` block (the run folder's
+lock) unwinds. Inside ``deferred()`` the signal is only recorded: the training loop defers it and
+acts on it between optimizer steps, where model, optimizer, scheduler, random state and step form
+one consistent checkpoint; processes that run several jobs (the sweep's) defer it between jobs, so
+the running job still stops at its next step and the jobs not yet started see ``requested()`` and do
+not start. Every signal is recorded, so a job stopped mid-training also keeps the next one from
+starting. ``end_with_parent`` turns the death of the parent process (``kill -9``, an out-of-memory
+kill) into the same stop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -66,14 +71,31 @@ def deferred():
         _deferring -= 1
 
 
-@contextlib.contextmanager
-def raising():
-    """Inside, a stop signal raises ``Interrupted``; one recorded earlier raises on entry."""
-    global _deferring
-    saved, _deferring = _deferring, 0
-    try:
-        if _requested is not None:
-            raise Interrupted(_requested)
-        yield
-    finally:
-        _deferring = saved
+def end_with_parent(group: bool = False, parent: int | None = None, interval: float = 1.0) -> None:
+    """Stop this process (``group``: its whole process group) with SIGTERM once its parent is gone.
+
+    `dynbert sweep` runs its jobs in a process group of their own, so that it can pass Ctrl-C on
+    to them; but a parent killed with SIGKILL (or by the out-of-memory killer) can pass nothing,
+    and its jobs would train on in the background. A parent's death is seen the same way on every
+    POSIX system: the child is handed to another parent, so ``os.getppid()`` changes. Polled by a
+    daemon thread once a second; the first call in a process wins. ``parent``: the pid the parent
+    had, when it is known (a parent that died before this call is then seen too).
+    """
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    parent = os.getppid() if parent is None else parent
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        if group:
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dynbert-parent-watch", daemon=True).start()
+
+
+_watching = False

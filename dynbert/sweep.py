@@ -9,7 +9,8 @@ and re-running the sweep finds finished runs and skips them.
 
 Signals: the sweep's jobs run in their own process group. Ctrl-C or SIGTERM on `dynbert sweep`
 is passed to that group as SIGTERM: running jobs checkpoint and stop, jobs not yet started do not
-start, and nothing is left running in the background.
+start, and nothing is left running in the background. If `dynbert sweep` dies without a word
+(SIGKILL, out of memory), its multirun process sees its parent gone and stops the group itself.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .config import knob_key
 from .console import print_table
 from .errors import DynbertError, atomic_write_json, first_line
 
-_SWEEP_ID, _SWEEP_TOTAL = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL"
+_SWEEP_ID, _SWEEP_TOTAL, _SWEEP_PARENT = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL", "DYNBERT_SWEEP_PARENT"
 NAMED_KEYS = ("task", "lambda", "seed", "method", "method.keep", "output_dir")
 """Swept keys the run folder already names (``<task>/<method>-<knob>-seed<seed>``)."""
 
@@ -210,7 +211,7 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     console.print(f"sweep: {total} runs into {folder}")
     from .config import conf_dir
 
-    env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total)})
+    env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total), _SWEEP_PARENT: str(os.getpid())})
     stopped = None
     for runs in multiruns:
         # hydra.sweep.subdir=.: each job computes its own folder (run_folder); Hydra writes nothing
@@ -312,6 +313,7 @@ def job(cfg: DictConfig) -> str:
     from .train import TrainingInterrupted, train
 
     stop.install()
+    stop.end_with_parent()  # a launcher's worker process: stop when the multirun is gone
     hydra = HydraConfig.get()
     run_dir = run_folder(Path(hydra.sweep.dir), cfg, list(hydra.overrides.task))
     OmegaConf.set_struct(cfg, False)
@@ -368,6 +370,10 @@ def _main() -> None:
 
     # This process only schedules jobs: a stop signal is recorded, the jobs see it and stop.
     stop.install()
+    # `dynbert sweep` killed outright (SIGKILL, out of memory) cannot pass a stop on: then this
+    # process passes it to its own group, as `dynbert sweep` would have.
+    if os.environ.get(_SWEEP_PARENT):
+        stop.end_with_parent(group=True, parent=int(os.environ[_SWEEP_PARENT]))
     # Hydra prints any exception as a stack trace; raised instead, a stop in progress ends quietly
     # (a launcher worker killed while it still started up: joblib's TerminatedWorkerError) and
     # `dynbert sweep`, which sent the signal, says how to resume.

@@ -224,9 +224,9 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     optimizer, schedules = _optimizer(gated, cfg)
     scheduler = _scheduler(optimizer, schedules, total_steps, tcfg.warmup_ratio)
     checkpoint = run_dir / CHECKPOINT_FILE
-    state = LoopState()
+    state, rng = LoopState(), None
     if checkpoint.is_file():
-        state = _restore(load_checkpoint(checkpoint), checkpoint, gated, optimizer, scheduler)
+        state, rng = _restore(load_checkpoint(checkpoint), checkpoint, gated, optimizer, scheduler)
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
     method = gated.method  # the same module whether or not Accelerate wraps the model
@@ -241,6 +241,8 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
     model, optimizer = accelerator.prepare(gated, optimizer)
     method.begin_step(state.step, total_steps)  # a resumed run re-enters its stage
+    if rng is not None:  # last, so that nothing between the restore and the next step draws from it
+        _set_rng_state(rng)
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
 
     model.train()
@@ -267,9 +269,16 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                         transient=True, disable=not (console.is_terminal and main))
     epoch_cache: dict[int, list[list[int]]] = {}
     try:
-        with stop.raising(), progress:
+        # A stop signal is only recorded inside the loop and acted on between steps: raised anywhere
+        # (after the optimizer step, before the step counter moves), it would checkpoint updated
+        # weights under the old step, and the resumed run would take that step twice.
+        with stop.deferred(), progress:
             bar = progress.add_task(f"{spec.name} {cfg.method.name} {cfg.method.knob}", total=total_steps, completed=state.step, stats="")
-            while state.step < total_steps:
+            while True:  # a stop in the last step, too, takes effect before the evaluation
+                if stop.requested() is not None:
+                    raise stop.Interrupted(stop.requested())
+                if state.step >= total_steps:
+                    break
                 micro_batches = []
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
@@ -286,10 +295,14 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                 progress.update(bar, completed=state.step, stats=stats)
                 if state.step % 50 == 0 or state.step == total_steps:
                     logger.info("step %d/%d %s", state.step, total_steps, stats)
-                if state.step % tcfg.checkpoint_every == 0 or state.step % steps_per_epoch == 0:
+                # The last step too: a run stopped while it evaluates then resumes without retraining.
+                if (state.step % tcfg.checkpoint_every == 0 or state.step % steps_per_epoch == 0
+                        or state.step == total_steps):
                     save(state.step)
     except (KeyboardInterrupt, SystemExit) as interrupt:
-        save(state.step)
+        if saved_step != state.step:
+            with stop.deferred():  # a second Ctrl-C must not cut this checkpoint short
+                save(state.step)
         if isinstance(interrupt, SystemExit):  # a launcher stopping the job (submitit requeues it)
             raise
         signum = getattr(interrupt, "signum", 2)
@@ -384,17 +397,25 @@ def _checkpoint_state(gated: GatedModel, optimizer, scheduler, step: int, second
     return state
 
 
-def _restore(saved: dict, path: Path, gated: GatedModel, optimizer, scheduler) -> LoopState:
+def _restore(saved: dict, path: Path, gated: GatedModel, optimizer, scheduler) -> tuple[LoopState, dict]:
     """Load a checkpoint (saved on any device) into the model, optimizer and scheduler before
-    Accelerate moves them to this run's device."""
+    Accelerate moves them to this run's device; return the loop's state and the random generators'
+    states, which the caller sets last (``_set_rng_state``)."""
     try:
         gated.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"])
-        if "cuda_rng" in saved and torch.cuda.is_available() and len(saved["cuda_rng"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-        return LoopState(step=int(saved["step"]), seconds=float(saved["seconds"]))
+        if not (isinstance(saved["rng"], torch.Tensor) and saved["rng"].dtype == torch.uint8):
+            raise TypeError("the random generator's state is not a byte tensor")
+        rng = {"rng": saved["rng"], "cuda_rng": saved.get("cuda_rng")}
+        return LoopState(step=int(saved["step"]), seconds=float(saved["seconds"])), rng
     except Exception as error:  # noqa: BLE001 - a checkpoint of another model or version
         raise DynbertError(f"{path} is not a usable checkpoint ({error.__class__.__name__}); delete it "
                            "to restart this run, or pass train.overwrite=true") from error
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["rng"])
+    cuda = rng["cuda_rng"]
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
