@@ -107,6 +107,8 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_
     from .config import compose_config
 
     overrides = list(overrides or []) + (["train.overwrite=true"] if force else [])
+    if cfg:
+        overrides = _without_hydra_cfg_word(overrides)
     config = compose_config(overrides)
     if cfg:
         typer.echo(OmegaConf.to_yaml(config), nl=False)
@@ -119,6 +121,16 @@ def train(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP, show_
     if PartialState().is_main_process:  # several processes (torchrun, accelerate launch) report once
         _print_run_summary(metrics)
         typer.echo(Path(config.output_dir).expanduser().resolve())
+
+
+def _without_hydra_cfg_word(overrides: list[str]) -> list[str]:
+    """``--cfg job`` as a Hydra app takes it: the run's config, which is what --cfg prints. ``train``
+    composes without Hydra's runtime, so there is no ``hydra`` part to print (nor ``all`` of it)."""
+    for word in ("hydra", "all"):
+        if word in overrides:
+            raise DynbertError(f"--cfg {word}: dynbert train has no Hydra runtime config, only the run's: "
+                               "pass --cfg (or --cfg job)")
+    return [line for line in overrides if line != "job"]
 
 
 def _print_run_summary(metrics: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import DynbertError, first_line
+from .errors import DynbertError, check_writable_folder, first_line
 
 
 # The values dynbert.core accepts (a test checks they match). Not imported from there: that would
@@ -45,6 +44,18 @@ LATER_FRACTIONS = {"method.retrain_at": "method.start", "method.freeze_at": "met
 """A stage boundary and the one it must come after."""
 SEED_RANGE = (0, 2**32 - 1)
 """Seeds numpy and torch both accept."""
+LAMBDA_MAX = 1e4
+"""λ weighs a pruning loss of a few units (kept fractions summed over layers) against a task loss of about
+1, and every method's grid stops at 1 or below: far past that the loss only overflows float32 (λ = 1e300
+is inf), and the run would stop blaming the learning rate."""
+MU_MAX = 100 * LAMBDA_MAX
+"""The largest bi-modal weight μ = method.bimodal_weight × λ: the default weight (100) at the largest λ."""
+FLOAT32_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)
+"""The smallest normal and the largest float32: torch holds every number above as one, and a value outside
+this range becomes 0 or inf there (lr=1e300 failed with "value cannot be converted to type float")."""
+TINY_MODEL_SIZES = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
+                    "model.vocab_size")
+"""The sizes of the tiny model built from scratch (model=tiny only)."""
 
 
 def conf_dir() -> Path:
@@ -85,6 +96,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     finally:
         GlobalHydra.instance().clear()
     validate(cfg)
+    _check_lambda_given(cfg, overrides)
     return cfg
 
 
@@ -94,6 +106,11 @@ def _explain(error: Exception) -> str:
     if first.startswith("Could not override") and "+" in text:
         # Hydra suggests `+key=value`, which would add a key nothing reads: a typo must fail.
         return f"{first} There is no such key: see every key with `dynbert train --cfg`."
+    if "missing EQUAL" in text:  # a word alone (`dynbert train job`): Hydra names only its grammar
+        return f"{first}: an override is key=value or group=option, e.g. lambda=0.1 or task=sst2"
+    if "LexerNoViableAltException" in text:  # non-ASCII and some other characters must be quoted
+        key, _, value = first.partition(": ")[2].partition("=")
+        return f"{first}: quote a value that holds non-ASCII or special characters, e.g. {key}='{value}'"
     if "Available options in" in text:
         listed = text.split("Available options in", 1)[1].split("Config search path")[0].splitlines()[1:]
         return f"{first}; options: {', '.join(line.strip() for line in listed if line.strip())}"
@@ -103,8 +120,10 @@ def _explain(error: Exception) -> str:
 def validate(cfg: DictConfig) -> None:
     """Reject values that would fail later, or silently mean nothing, with one clear sentence."""
     lam = cfg["lambda"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise DynbertError(f"lambda={lam} is not valid: pass a finite number >= 0, e.g. lambda=0.1")
+    if not _is_number(lam) or not 0 <= lam <= LAMBDA_MAX:
+        raise DynbertError(f"lambda={lam} is not valid: pass a number from 0 to {LAMBDA_MAX:g}, e.g. lambda=0.1 "
+                           "(it weighs the pruning loss against the task loss, about 1; every method's grid "
+                           "stops at 1 or below)")
     if not _is_int(cfg.seed) or not SEED_RANGE[0] <= cfg.seed <= SEED_RANGE[1]:
         raise DynbertError(f"seed={cfg.seed} is not valid: pass an integer from {SEED_RANGE[0]} to "
                            f"{SEED_RANGE[1]}, e.g. seed=0")
@@ -134,15 +153,25 @@ def validate(cfg: DictConfig) -> None:
             raise DynbertError(f"train.{key}={value} is not valid: pass null (no limit) or an integer >= {least}")
     for key in NON_NEGATIVE:
         value = OmegaConf.select(cfg, key, default=0.0)
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
-            raise DynbertError(f"{key}={value} is not valid: pass a finite number >= 0")
+        if not _is_number(value) or not 0 <= value <= FLOAT32_RANGE[1]:
+            raise DynbertError(f"{key}={value} is not valid: pass a number >= 0 that a float32 holds (at most "
+                               f"{FLOAT32_RANGE[1]:.2g})")
+    warmup = cfg.train.warmup_ratio
+    if warmup > 1:
+        raise DynbertError(f"train.warmup_ratio={warmup} is not valid: pass the fraction of training over which "
+                           "the learning rate warms up, a number in [0, 1]")
+    bimodal = OmegaConf.select(cfg, "method.bimodal_weight")
+    if bimodal is not None and bimodal * lam > MU_MAX:
+        raise DynbertError(f"method.bimodal_weight={bimodal} with lambda={lam} is not valid: the bi-modal weight "
+                           f"method.bimodal_weight × lambda must be at most {MU_MAX:g} (the default is 100 × lambda)")
     distill = cfg.train.distill
     if not _is_number(distill) or not 0 <= distill <= 1:
         raise DynbertError(f"train.distill={distill} is not valid: pass the weight of distillation, a number in [0, 1]")
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key, default=1.0)
-        if not _is_number(value) or not math.isfinite(value) or value <= 0:
-            raise DynbertError(f"{key}={value} is not valid: pass a finite number > 0")
+        if not _is_number(value) or not FLOAT32_RANGE[0] <= value <= FLOAT32_RANGE[1]:
+            raise DynbertError(f"{key}={value} is not valid: pass a number > 0 that a float32 holds (from "
+                               f"{FLOAT32_RANGE[0]:.2g} to {FLOAT32_RANGE[1]:.2g})")
     for key, meaning in FRACTIONS.items():
         value = OmegaConf.select(cfg, key, default=0.0)
         if value is None and key in OPTIONAL_FRACTIONS:
@@ -158,7 +187,16 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.train.num_threads
     if threads is not None and (not _is_int(threads) or threads < 1):
         raise DynbertError(f"train.num_threads={threads} is not valid: pass null (torch's default) or an integer >= 1")
-    for key in ("train.group_by_length", "method.monotone", "method.mask_attention"):
+    for key in TINY_MODEL_SIZES:
+        value = OmegaConf.select(cfg, key, default=1)
+        if not _is_int(value) or value < 1:
+            raise DynbertError(f"{key}={value} is not valid: pass an integer >= 1")
+    heads = OmegaConf.select(cfg, "model.num_heads")
+    if heads is not None and cfg.model.hidden_size % heads:
+        raise DynbertError(f"model.num_heads={heads} is not valid: model.hidden_size={cfg.model.hidden_size} must "
+                           "split evenly into the heads, e.g. model.num_heads=4")
+    for key in ("train.group_by_length", "method.monotone", "method.mask_attention", "train.overwrite",
+                "sweep.baseline"):
         value = OmegaConf.select(cfg, key, default=False)
         if not isinstance(value, bool):
             raise DynbertError(f"{key}={value} is not valid: pass true or false")
@@ -201,16 +239,7 @@ def _check_output_dir(value) -> None:
     if value is None or not str(value).strip():
         raise DynbertError(f"output_dir is empty ({'null' if value is None else repr(value)}): pass a folder for the run, e.g. "
                            "output_dir=outputs/runs/my-run (an unset shell variable gives an empty value)")
-    path = Path(str(value)).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DynbertError(f"output_dir={value} is a file, not a folder: pass a new or empty folder")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DynbertError(f"output_dir={value} cannot be created: {parent} is a file")
-            if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
-                raise DynbertError(f"output_dir={value} cannot be created: {parent} is not writable")
-            return
+    check_writable_folder(Path(str(value)).expanduser(), "output_dir=")
 
 
 def _is_int(value) -> bool:

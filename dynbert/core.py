@@ -227,6 +227,8 @@ class GatedModel(nn.Module):
         self.model = model
         self.method = method
         self.mask_attention = mask_attention
+        self.source: str | None = None
+        """The model folder it was loaded from (``load_model``), for errors about its outputs."""
 
     @property
     def num_layers(self) -> int:

@@ -8,14 +8,18 @@ same batches.
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from rich.console import Console
+from rich.markup import escape
 
 from .errors import DynbertError
-from .tasks import Example, TaskSpec, load_glue, make_synthetic
+from .tasks import Example, TaskSpec, glue_data_dir, load_glue, make_synthetic
 
 GROUP_CHUNK_BATCHES = 50
 """Length grouping sorts within chunks of this many batches (HF's megabatches use 50)."""
@@ -23,14 +27,16 @@ GROUP_CHUNK_BATCHES = 50
 
 def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
     """{"train": [...], <each eval split>: [...]}, cut to train.max_train/eval_samples."""
+    data_dir = None if spec.name == "synthetic" else glue_data_dir(cfg, spec)
     if spec.name == "synthetic":
         task = cfg.task
         splits = make_synthetic(task.num_train, task.num_eval, cfg.seed, task.min_words, task.max_words)
     else:
-        splits = load_glue(spec, glue_data_dir(cfg, spec))
+        splits = load_glue(spec, data_dir)
     limits = {"train": cfg.train.max_train_samples}
     limits.update({name: cfg.train.max_eval_samples for name in spec.eval_splits})
     splits = {name: splits[name][: limits[name]] if limits[name] else splits[name] for name in limits}
+    _check_empty_texts(splits, spec, data_dir)
     if spec.is_regression:
         for name in spec.eval_splits:
             scores = {example.label for example in splits[name]}
@@ -42,13 +48,32 @@ def load_splits(cfg: DictConfig, spec: TaskSpec) -> dict[str, list[Example]]:
     return splits
 
 
-def glue_data_dir(cfg: DictConfig, spec: TaskSpec) -> str | None:
-    """task.data_dir, else the task's folder under glue_dir (GLUE's download layout), else None (hub)."""
-    if cfg.task.data_dir is not None:
-        return str(Path(str(cfg.task.data_dir)).expanduser())
-    if cfg.glue_dir is not None:
-        return str(Path(str(cfg.glue_dir)).expanduser() / spec.folder)
-    return None
+def _check_empty_texts(splits: dict[str, list[Example]], spec: TaskSpec, data_dir: str | None) -> None:
+    """Count the examples whose text (or either text of a pair) is blank, per split: a split that is
+    mostly such rows is refused (all-empty sentences trained a model on nothing, and its warnings
+    blamed the learning rate); a few are kept, as GLUE's own files hold a few, and said on stderr."""
+    columns = [column for column in (spec.text_columns if data_dir is None else spec.tsv_text_columns) if column]
+    files = dict(zip(("train", *spec.eval_splits), ("train.tsv", *spec.tsv_eval_files)))
+    for name, examples in splits.items():
+        blank = Counter()
+        rows = 0
+        for example in examples:
+            empty = [column for column, text in zip(columns, (example.text_a, example.text_b))
+                     if not (text or "").strip()]
+            blank.update(empty)
+            rows += bool(empty)
+        if not rows:
+            continue
+        where = "" if data_dir is None else f" ({Path(data_dir) / files[name]})"
+        counts = " or ".join(f"{column!r}" + (f" ({blank[column]})" if len(blank) > 1 else "")
+                             for column in columns if blank[column])
+        what = f"{rows} of the {len(examples)} {name} examples of {spec.name}{where} have an empty {counts}"
+        if 2 * rows > len(examples):
+            raise DynbertError(f"{what}: a model would learn from or be scored on next to nothing; pass data "
+                               "whose texts are filled in")
+        if int(os.environ.get("RANK", "0")) == 0:  # several processes (torchrun): said once
+            Console(stderr=True).print(f"[yellow]warning:[/] {escape(what)}; they are kept", highlight=False,
+                                       soft_wrap=True)
 
 
 @dataclass
@@ -71,9 +96,9 @@ class Encoded:
 
 def encode(examples: list[Example], tokenizer, max_length: int, spec: TaskSpec) -> Encoded:
     """Tokenize without padding (batches pad to their own longest input)."""
-    texts_b = [e.text_b for e in examples]
-    batch = tokenizer([e.text_a for e in examples], texts_b if any(texts_b) else None,
-                      truncation=True, max_length=max_length)
+    # A pair task's texts are pairs even where the second text is empty: never single sentences.
+    texts_b = [e.text_b or "" for e in examples] if spec.text_columns[1] is not None else None
+    batch = tokenizer([e.text_a for e in examples], texts_b, truncation=True, max_length=max_length)
     label_dtype = torch.float if spec.is_regression else torch.long
     cue_mask = None
     if any(e.cue_words for e in examples):

@@ -28,30 +28,74 @@ def first_line(error: BaseException) -> str:
     return shorten(lines[0], MESSAGE_LIMIT) if lines else type(error).__name__
 
 
+def utf8_problem(path: str | os.PathLike, error: UnicodeDecodeError) -> str:
+    """Where ``path`` first breaks UTF-8: "<reason> at byte N, line L", counted from the file's start.
+
+    ``error`` came from a text reader, which decodes in chunks of a few KB and counts its offset from
+    the chunk it was decoding: wrong anywhere past the first. Lines end in b"\\n", which never falls
+    inside a UTF-8 character, so each line decodes on its own.
+    """
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as in_line:
+                return f"{in_line.reason} at byte {offset + in_line.start}, line {number}"
+            offset += len(line)
+    return error.reason  # the file changed since it was read
+
+
+FILE_SUFFIXES = (".md", ".csv", ".tsv", ".txt", ".json", ".jsonl", ".yaml", ".png", ".svg", ".pdf", ".html")
+"""A new name ending in one of these is a file the user meant: made where a folder goes, it would become a
+folder named like a file (`report --out new.md`)."""
+
+
 def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
-    """One sentence, before any work, when ``folder`` cannot hold the files a command will write."""
+    """One sentence, before any work, when ``folder`` cannot hold the files a command will write.
+
+    ``option`` names where the folder came from: ``--out`` reads "--out FOLDER", ``output_dir=``
+    reads "output_dir=FOLDER".
+    """
     folder = Path(folder)
+    named = _named(option, folder)
     if folder.exists() and not folder.is_dir():
-        raise DynbertError(f"{option} {folder} is a file: pass a folder to write into")
-    for parent in folder.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DynbertError(f"{option} {folder} cannot be created: {parent} is a file")
-            return
+        raise DynbertError(f"{named} is a file: pass a folder to write into")
+    if not folder.exists() and folder.suffix.lower() in FILE_SUFFIXES:
+        raise DynbertError(f"{named} names a file ({folder.suffix}), but {option.rstrip('=')} is the folder "
+                           "to write into: pass a folder name (it is created)")
+    _check_nearest_folder(folder, named)
 
 
 def check_writable_file(path: str | os.PathLike, option: str, suffixes: tuple[str, ...]) -> None:
     """One sentence, before any work, when ``path`` cannot be written as a file of one of ``suffixes``."""
     path = Path(path)
+    named = _named(option, path)
     wanted = " or ".join(suffixes)
     if path.is_dir():
-        raise DynbertError(f"{option} {path} is a folder: pass a file name ending in {wanted}")
+        raise DynbertError(f"{named} is a folder: pass a file name ending in {wanted}")
     if path.suffix.lower() not in suffixes:
-        raise DynbertError(f"{option} {path} must end in {wanted}")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DynbertError(f"{option} {path} cannot be created: {parent} is a file")
+        raise DynbertError(f"{named} must end in {wanted}")
+    _check_nearest_folder(path.parent, named)
+
+
+def _named(option: str, path: Path) -> str:
+    return f"{option}{path}" if option.endswith("=") else f"{option} {path}"
+
+
+def _check_nearest_folder(folder: Path, named: str) -> None:
+    """The folder, or the nearest one above it that exists (the rest is created), must take new files.
+
+    os.access, not the mode bits: it also says no on a read-only file system, where even root cannot write.
+    Checked before any work, so a result is never computed only to fail at its temporary file.
+    """
+    for existing in (folder.absolute(), *folder.absolute().parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise DynbertError(f"{named} cannot be created: {existing} is a file")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise DynbertError(f"{named} cannot be written: {existing} is not writable (pass another "
+                                   "folder, or make it writable)")
             return
 
 

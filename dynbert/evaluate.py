@@ -13,6 +13,7 @@ import torch
 
 from .core import DECIDED_MARGIN, GatedModel, TokenPruner
 from .data import Encoded, collate
+from .errors import DynbertError
 from .tasks import TaskSpec, compute_metrics
 
 DECIDED_WANTED = 0.95
@@ -42,6 +43,7 @@ def predict(gated: GatedModel, data: Encoded, batch_size: int, hard: bool, spec:
         with autocast():
             out = gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=hard)
         logits = out.logits.float().cpu()
+        refuse_non_finite(gated, logits)
         logits_all.append(logits)
         preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
         example_flops, baseline_flops = gated.flops(out)
@@ -66,6 +68,14 @@ def predict(gated: GatedModel, data: Encoded, batch_size: int, hard: bool, spec:
                 kept=kept_tokens.double() / num_tokens[:, None],
                 cue_kept=(cue_hits / cue_total).tolist() if cue_total else None,
                 decided=decided / decisions if decisions else None)
+
+
+def refuse_non_finite(gated: GatedModel, logits: torch.Tensor) -> None:
+    """NaN logits argmax to class 0 and give NaN probabilities: never a prediction, a file or a metric."""
+    if not torch.isfinite(logits).all():
+        model = f"the model in {gated.source}" if gated.source else "the model"
+        raise DynbertError(f"the outputs of {model} are not finite (NaN or infinity): its weights are damaged or "
+                           "its training diverged; train the run again (with a lower train.lr if it diverged)")
 
 
 def evaluate(gated: GatedModel, encoded: dict[str, Encoded], spec: TaskSpec, batch_size: int,

@@ -16,12 +16,16 @@ from .encoders import adapter_class, adapter_for, random_model, supported_model_
 from .methods import build_method
 from .errors import FILE_MODE, DynbertError, first_line
 from .hub import go_offline_if_unreachable
+from .rundir import checksum_problem, write_checksums
 from .tasks import TaskSpec
 
 # save_pretrained's shard progress bar is noise in a CLI that draws its own progress.
 hf_logging.disable_progress_bar()
 
 METHOD_FILE = "method.safetensors"
+WEIGHT_FILES = ("model.safetensors", METHOD_FILE)
+CHECKSUM_FILE = "SHA256SUMS"
+"""The weight files' sha256, recorded by save_model and checked by load_model (`sha256sum -c` reads it)."""
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -80,8 +84,11 @@ def build_model(model_cfg, spec: TaskSpec, max_length: int, train_texts: list[st
         tokenizer = AutoTokenizer.from_pretrained(source)
         _check_tokenizer_size(source, tokenizer, config)
         adapter = adapter_class(config.model_type)
+        # Mismatched shapes are reported in `info` (checked below), not raised as "look at the above
+        # report!" about a report the quieted loader never printed.
         with _quiet_transformers():
-            model, info = adapter.model_class.from_pretrained(source, output_loading_info=True, **labels)
+            model, info = adapter.model_class.from_pretrained(source, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True, **labels)
     except DynbertError:
         raise
     except Exception as error:  # noqa: BLE001 - unreachable hub, truncated or foreign files: one sentence
@@ -126,12 +133,15 @@ def _check_tokenizer_size(source: str, tokenizer, config) -> None:
 def _check_loaded(source: str, info: dict, new_head: tuple[str, ...]) -> None:
     """Only the new head may be missing: anything else would silently be random weights."""
     missing = sorted(key for key in info["missing_keys"] if not key.startswith(new_head))
-    mismatched = sorted(str(item[0]) if isinstance(item, tuple) else str(item) for item in info["mismatched_keys"])
+    # (name, shape in the file, shape config.json asks for): a vocabulary resized in one but not the other.
+    mismatched = sorted(f"{item[0]} {tuple(item[1])} where config.json makes {tuple(item[2])}"
+                        if isinstance(item, tuple) and len(item) == 3 else str(item) for item in info["mismatched_keys"])
     if missing or mismatched:
         names = missing + mismatched
         listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise DynbertError(f"the encoder weights in {source} do not load ({len(missing)} missing, "
-                           f"{len(mismatched)} of another shape: {listed}): pass a complete checkpoint")
+                           f"{len(mismatched)} of another shape: {listed}): pass a complete checkpoint "
+                           "whose config.json matches its weights")
 
 
 @contextlib.contextmanager
@@ -196,17 +206,27 @@ def save_model(gated: GatedModel, tokenizer, folder: Path) -> None:
     for path in folder.iterdir():
         if path.is_file():
             path.chmod(FILE_MODE)
+    write_checksums(folder / CHECKSUM_FILE, [folder / name for name in WEIGHT_FILES])
 
 
 def load_model(folder: Path, method_cfg, max_length: int):
-    """Reload what ``save_model`` wrote. Safetensors only: nothing is unpickled or executed."""
-    if not (folder / METHOD_FILE).is_file() or not (folder / "model.safetensors").is_file():
-        raise DynbertError(f"{folder} holds no trained model (model.safetensors and {METHOD_FILE}); "
+    """Reload what ``save_model`` wrote, checked against its checksums. Safetensors only: nothing is
+    unpickled or executed."""
+    weights = [folder / name for name in WEIGHT_FILES]
+    if not all(path.is_file() for path in weights):
+        raise DynbertError(f"{folder} holds no trained model ({' and '.join(WEIGHT_FILES)}); "
                            "train one with `dynbert train` first")
+    # A model saved before dynbert recorded checksums has none: refusing it would strand every
+    # earlier run, so it loads, guarded only by the finiteness check below.
+    problem = checksum_problem(folder / CHECKSUM_FILE, weights) if (folder / CHECKSUM_FILE).is_file() else None
+    if problem is not None:
+        raise DynbertError(f"{problem[0]} is damaged ({problem[1]}): train the run again")
     try:
         config = AutoConfig.from_pretrained(folder)
         _check_family(str(folder), config)
-        model = adapter_class(config.model_type).model_class.from_pretrained(folder)
+        with _quiet_transformers():  # every weight must load: `_check_loaded` below, with no new head
+            model, info = adapter_class(config.model_type).model_class.from_pretrained(
+                folder, output_loading_info=True, ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         state = load_file(str(folder / METHOD_FILE))
     except DynbertError:
@@ -214,10 +234,25 @@ def load_model(folder: Path, method_cfg, max_length: int):
     except Exception as error:  # noqa: BLE001 - a truncated or corrupt file: the run is unusable
         raise DynbertError(f"the model in {folder} does not load ({error.__class__.__name__}: "
                            f"{first_line(error)}); train it again") from error
+    _check_loaded(str(folder), info, ())
+    _refuse_non_finite(weights[0], model.state_dict(), allow_infinite=False)
+    # Hardened sigmoid gates are stored as ±inf (exactly 0 or 1): only a NaN is damage there.
+    _refuse_non_finite(weights[1], state, allow_infinite=True)
     gated = make_gated_model(model, method_cfg, max_length)
     try:
         gated.method.load_state_dict(state)
     except RuntimeError as error:
         raise DynbertError(f"{folder / METHOD_FILE} does not fit method {method_cfg.name} "
                            f"({first_line(error)}): the run folder was changed by hand") from error
+    gated.source = str(folder)
     return gated, tokenizer
+
+
+def _refuse_non_finite(path: Path, tensors: dict, allow_infinite: bool) -> None:
+    """A NaN weight (a damaged file, or a diverged run saved) makes every prediction NaN or arbitrary."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = tensor.isnan() if allow_infinite else ~tensor.isfinite()
+            if bad.any():
+                raise DynbertError(f"{path} holds weights that are not finite ({int(bad.sum())} in {name}): "
+                                   "the file is damaged or the run diverged; train the run again")

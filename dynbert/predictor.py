@@ -13,6 +13,7 @@ import io
 import json
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from omegaconf import DictConfig
 
 from .core import GatedModel
 from .data import Encoded, collate
-from .errors import DynbertError, shorten
-from .evaluate import predict as predict_sorted_batches
+from .errors import DynbertError, shorten, utf8_problem
+from .evaluate import predict as predict_sorted_batches, refuse_non_finite
 from .inspection import Inspection
 from .modeling import load_model
 from .rundir import METRICS_FILE, MODEL_DIR, load_run_config, read_metrics
@@ -83,6 +84,9 @@ class Predictor:
         (tokens present after each layer), ``flops`` and ``baseline_flops`` (the same input
         un-pruned), ``flops_ratio``, and ``truncated`` (cut to ``max_length``).
         """
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise DynbertError(f"batch_size={batch_size!r} is not valid: pass an integer >= 1, or None for the "
+                               f"run's own ({self.batch_size})")
         pairs = self._pairs(texts)
         if not pairs:
             return []
@@ -104,6 +108,7 @@ class Predictor:
         encoded, truncated = self.encode([(text_a, text_b)])
         batch = collate(encoded, [0]).to(next(self.gated.parameters()).device)
         out = self.gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True, return_scores=True)
+        refuse_non_finite(self.gated, out.logits)
         flops, baseline = self.gated.flops(out)
         ids = encoded.input_ids[0]
         prediction = self._record(out.logits[0].float().cpu(), out.kept[0].cpu(), len(ids), flops[0], baseline[0],
@@ -137,6 +142,8 @@ class Predictor:
         """``texts`` checked against the task: strings for one-text tasks, pairs for pair tasks."""
         if isinstance(texts, str):
             raise DynbertError("predict takes a list of texts, not one string: pass [text]")
+        if not isinstance(texts, Iterable):  # None, a number: Python's own error would name neither
+            raise DynbertError(f"predict takes a list of texts, not {type(texts).__name__}: pass [text, ...]")
         texts = list(texts)
         if self.takes_pairs:
             if not all(isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(s, str) for s in t)
@@ -244,7 +251,7 @@ def _read_text(path: Path) -> str:
     except FileNotFoundError:
         raise DynbertError(f"--input {path} does not exist") from None
     except UnicodeDecodeError as error:
-        raise DynbertError(f"--input {path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
+        raise DynbertError(f"--input {path} is not UTF-8 text ({utf8_problem(path, error)})") from error
     except OSError as error:
         raise DynbertError(f"could not read --input {path} ({error.strerror or error}); "
                            "check its permissions") from error

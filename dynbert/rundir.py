@@ -11,6 +11,7 @@ for the whole run; a second process is told who holds it; a dead holder's lock i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -27,8 +28,10 @@ from .errors import DynbertError, atomic_write_bytes, atomic_write_json, atomic_
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOG_FILE = "config.yaml", "metrics.json", "checkpoint.pt", "train.log"
 MODEL_DIR, STATUS_FILE = "model", "status.json"
+CHECKPOINT_SUM_FILE = CHECKPOINT_FILE + ".sha256"
+"""checkpoint.pt's sha256, as `sha256sum` writes it: what load_checkpoint checks the file against."""
 OWNER_FILE, LOCK_FILE = ".dynbert-run", ".dynbert-lock"
-OWNED_NAMES = (METRICS_FILE, CHECKPOINT_FILE, LOG_FILE, MODEL_DIR, STATUS_FILE)
+OWNED_NAMES = (METRICS_FILE, CHECKPOINT_FILE, CHECKPOINT_SUM_FILE, LOG_FILE, MODEL_DIR, STATUS_FILE)
 """What a fresh start removes from a folder that dynbert owns (config.yaml is rewritten)."""
 
 EXECUTION_KEYS = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep", "method.grid")
@@ -47,13 +50,20 @@ METRICS_SCHEMA: dict[str, type | tuple] = {
 }
 """Keys every finished run's metrics.json holds, with the type each must have."""
 _POSITIVE = ("flops_per_example", "baseline_flops_per_example", "flops_ratio")
+_SCORES = ("score", "score_soft")
+"""Every GLUE metric (accuracy, F1, Matthews and rank correlations) lies in [-1, 1]."""
+_OPTIONAL_FRACTIONS = ("cue_kept", "hard_soft_agreement")
+MAX_FLOPS = 1e18
+"""A million times BERT-large on 512 tokens (3.4e11 FLOPs): a count past it is damage, and the report's mean
+over seeds of counts below it stays finite."""
 
 
 def metrics_problem(data) -> str | None:
     """Why a parsed metrics.json cannot be used (one phrase), or None if it can.
 
-    Beyond types: numbers must be finite, FLOPs positive, λ >= 0, kept fractions in [0, 1]. A file
-    that breaks these was not written by a healthy run, and averaging it would show a wrong result.
+    Beyond types: numbers must be finite, scores in [-1, 1], FLOPs positive and below ``MAX_FLOPS``, the
+    FLOPs ratio at most 1 (pruning never adds work), λ >= 0, kept fractions in [0, 1]. A file that breaks
+    these was not written by a healthy run, and averaging it would show a wrong result (1e308 twice is inf).
     """
     if not isinstance(data, dict):
         return f"top level is a JSON {type(data).__name__}, not an object"
@@ -70,14 +80,23 @@ def metrics_problem(data) -> str | None:
     for key in _POSITIVE:
         if data[key] <= 0:
             return f"'{key}' is {data[key]}, expected a number > 0"
+    for key in _SCORES:
+        if not -1 <= data[key] <= 1:
+            return f"'{key}' is {data[key]}, expected a metric in [-1, 1]"
+    for key in ("flops_per_example", "baseline_flops_per_example"):
+        if data[key] > MAX_FLOPS:
+            return f"'{key}' is {data[key]}, expected a FLOPs count below {MAX_FLOPS:g}"
+    if data["flops_ratio"] > 1:
+        return f"'flops_ratio' is {data['flops_ratio']}, expected at most 1 (pruning never adds work)"
     if data["lambda"] < 0:
         return f"'lambda' is {data['lambda']}, expected a number >= 0"
     kept = data["kept_per_layer"]
     if not all(isinstance(v, _NUMBER) and not isinstance(v, bool) and 0 <= v <= 1 for v in kept):
         return "'kept_per_layer' must be a list of fractions in [0, 1]"
-    cue = data.get("cue_kept")
-    if cue is not None and (isinstance(cue, bool) or not isinstance(cue, _NUMBER) or not math.isfinite(cue)):
-        return f"'cue_kept' is {json.dumps(cue)[:40]}, expected a number or null"
+    for key in _OPTIONAL_FRACTIONS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, _NUMBER) or not 0 <= value <= 1):
+            return f"'{key}' is {json.dumps(value)[:40]}, expected a fraction in [0, 1] or null"
     # Optional (older files lack them): the method, and its knob (e.g. "method.keep") with its value.
     for key in ("method", "knob"):
         if data.get(key) is not None and not isinstance(data[key], str):
@@ -186,6 +205,10 @@ def _stale(holder: dict) -> bool:
     return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
 
 
+class RunFolderBusy(DynbertError):
+    """Another live process holds the run folder: it is that process's to write, not ours."""
+
+
 class RunLock:
     """Exclusive use of a run folder for one process (a context manager)."""
 
@@ -209,7 +232,7 @@ class RunLock:
             except FileExistsError:
                 holder = self._read()
                 if holder is None or not _stale(holder):
-                    raise DynbertError(self._busy_message(holder)) from None
+                    raise RunFolderBusy(self._busy_message(holder)) from None
                 # Take a dead holder's lock: rename it away (atomic: of two takers only one renames
                 # it), then create ours; the loser finds our fresh lock next time round.
                 try:
@@ -223,7 +246,14 @@ class RunLock:
                 json.dump(_holder(), handle)
             self.held = True
             return
-        raise DynbertError(self._busy_message(self._read()))
+        raise RunFolderBusy(self._busy_message(self._read()))
+
+    def holder_message(self) -> str | None:
+        """Which live process holds the folder, as a sentence; None when none does (or its holder is gone)."""
+        holder = self._read()
+        if holder is None or (holder and _stale(holder)):
+            return None
+        return self._busy_message(holder)
 
     def release(self) -> None:
         if self.held:
@@ -329,6 +359,41 @@ def load_run_config(run_dir: Path) -> DictConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# Checksums: a weight file damaged on disk (a bad sector, a half-finished copy) can still parse
+# and then yields NaN or wrong predictions with exit 0; its sha256, recorded when it was saved,
+# tells. The manifests are in `sha256sum` format, so `sha256sum -c` checks them too.
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_checksums(manifest: Path, paths: list[Path]) -> None:
+    """Record the sha256 of each of ``paths`` (files in ``manifest``'s folder), after they are written."""
+    atomic_write_text(manifest, "".join(f"{sha256_file(path)}  {path.name}\n" for path in paths))
+
+
+def checksum_problem(manifest: Path, paths: list[Path]) -> tuple[Path, str] | None:
+    """The first of ``paths`` whose bytes are not the ones ``manifest`` recorded, and why; None when all are.
+
+    A file the manifest does not name (or an unreadable manifest) counts as not matching: nothing
+    vouches for it.
+    """
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    recorded = {name: digest for digest, name in (line.split("  ", 1) for line in lines if "  " in line)}
+    for path in paths:
+        if path.name not in recorded:
+            return path, f"{manifest.name} beside it records no sha256 for it"
+        if sha256_file(path) != recorded[path.name]:
+            return path, f"its sha256 differs from the one recorded in {manifest.name} when it was saved"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints: state dicts only, loaded with weights_only=True (nothing is unpickled).
 
 
@@ -337,12 +402,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
+    # The old sum goes first: a process killed between the two writes leaves a checkpoint with no
+    # sum (loaded unchecked, as an older run's) rather than a new checkpoint with the old one's sum.
+    sums = path.with_name(CHECKPOINT_SUM_FILE)
+    sums.unlink(missing_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
+    write_checksums(sums, [path])
 
 
 def load_checkpoint(path: Path) -> dict:
     import torch
 
+    sums = path.with_name(CHECKPOINT_SUM_FILE)
+    # No sum: a checkpoint of an older dynbert, or one whose process died before writing it.
+    problem = checksum_problem(sums, [path]) if sums.is_file() else None
+    if problem is not None:
+        raise DynbertError(f"{path} is not a usable checkpoint ({problem[1]}); delete it to restart this run, "
+                           "or pass train.overwrite=true")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - truncated, foreign or corrupt: all unusable

@@ -50,12 +50,12 @@ def _split_overrides(overrides: list[str]):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from .config import expand_home
+    from .config import _explain, expand_home
 
     try:
         parsed = OverridesParser.create().parse_overrides(expand_home(overrides))
     except HydraException as error:
-        raise DynbertError(f"bad override: {first_line(error)}") from error
+        raise DynbertError(f"bad override: {_explain(error)}") from error
     plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     swept = {o.get_key_element(): o.input_line for o in parsed if o.is_sweep_override()}
     return plain, swept
@@ -64,21 +64,31 @@ def _split_overrides(overrides: list[str]):
 def plan_jobs(folder: Path, multiruns: list[list[str]]) -> list[tuple[Path, list[str]]]:
     """Every job of the sweep, as (its run folder, its overrides), composed as the job will be.
 
-    Two jobs that would share a folder are refused here: the second would be skipped as done."""
+    Two jobs that would share a folder are refused here: the second would be skipped as done. So are a
+    run folder holding files dynbert did not write and a GLUE folder without the task's files: their
+    jobs would fail one by one, after others had trained."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from .config import compose_config
+    from .rundir import refuse_foreign
+    from .tasks import check_data_dir, get_task, glue_data_dir
 
     jobs, seen = [], {}
     for runs in multiruns:
         parsed = OverridesParser.create().parse_overrides(runs)
         for batch in BasicSweeper.split_arguments(parsed, None):
             for job_overrides in batch:
-                run_dir = run_folder(folder, compose_config(list(job_overrides)), list(job_overrides))
+                cfg = compose_config(list(job_overrides))
+                run_dir = run_folder(folder, cfg, list(job_overrides))
+                spec = get_task(cfg.task.name)
+                data_dir = None if spec.name == "synthetic" else glue_data_dir(cfg, spec)
+                if data_dir is not None:
+                    check_data_dir(spec, data_dir)
                 if run_dir in seen:
                     raise DynbertError(f"two runs of this sweep would share {run_dir} ({' '.join(seen[run_dir])} "
                                        f"and {' '.join(job_overrides)}): add the key that tells them apart to the run name")
+                refuse_foreign(run_dir)
                 seen[run_dir] = job_overrides
                 jobs.append((run_dir, list(job_overrides)))
     return jobs
@@ -114,6 +124,7 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
             raise DynbertError(_unrouted_message(key, methods, knob_owners))
 
     folder = Path(cfg.output_dir) if "output_dir" in given else Path("outputs/sweeps") / cfg.sweep.name
+    check_writable_folder(folder, "output_dir=")
     runs = []
     for name, probe in probes.items():
         passed = [line for line in plain if _key(line) not in ("method", "output_dir")
@@ -139,7 +150,11 @@ def _check_values(fixed: list[str], grid: dict[str, str]) -> None:
     from .config import compose_config
 
     values = {key: _values(line) for key, line in grid.items()}
-    probe = {key: f"{key}={choices[0]}" for key, choices in values.items() if choices}
+    for key, choices in values.items():
+        if not choices:  # range(1,1): the sweep would run nothing of it, or only the baseline, and exit 0
+            raise DynbertError(f"{grid[key]} gives no values, so none of its runs would train: pass at least "
+                               "one (range's end is not included: range(1,2) is 1)")
+    probe = {key: f"{key}={choices[0]}" for key, choices in values.items()}
     compose_config(fixed + list(probe.values()))
     for key, choices in values.items():
         for value in choices[1:]:
@@ -207,22 +222,25 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     """Run every job of the sweep not already complete; print a summary; return (folder, failed)."""
     folder, multiruns, _ = plan_sweep(overrides)
     sweep_id = f"{time.time_ns()}"
-    total = len(plan_jobs(folder, multiruns))  # composes every job: a bad one or a shared folder fails now
+    run_dirs = [run_dir for run_dir, _ in plan_jobs(folder, multiruns)]  # a bad job or a shared folder fails now
+    total = len(run_dirs)
     console.print(f"sweep: {total} runs into {folder}")
     from .config import conf_dir
 
-    env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total), _SWEEP_PARENT: str(os.getpid())})
+    env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total), _SWEEP_PARENT: str(os.getpid()),
+                              _SWEEP_DIR: str(folder)})
     stopped = None
     for runs in multiruns:
         # hydra.sweep.subdir=.: each job computes its own folder (run_folder); Hydra writes nothing
-        # into run folders (no .hydra/, no job log), which dynbert owns.
+        # into run folders (no .hydra/, no job log), which dynbert owns. The folder travels in the
+        # environment: as an override, Hydra's grammar would refuse a name with non-ASCII characters.
         command = [sys.executable, "-m", "dynbert.sweep", "--multirun", "--config-dir", str(conf_dir()),
-                   "--config-name", "config", f"hydra.sweep.dir={folder}", "hydra.sweep.subdir=.",
+                   "--config-name", "config", f"hydra.sweep.dir=${{oc.env:{_SWEEP_DIR}}}", "hydra.sweep.subdir=.",
                    "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", *runs]
         stopped = _run_in_own_group(command, env)
         if stopped is not None:
             break
-    failed = _summarize(folder, sweep_id, total, console)
+    failed = _summarize(folder, sweep_id, run_dirs, console, stopped is not None)
     if stopped is not None:
         raise SweepInterrupted(f"sweep {'interrupted' if stopped == signal.SIGINT else 'stopped by SIGTERM'}; "
                                f"running runs saved a checkpoint and finished runs are kept in {folder}: "
@@ -298,9 +316,8 @@ def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int
     print_table(console, table)
     console.print(f"done {counts['done']}, skipped (already complete) {counts['skipped']}, "
                   f"failed {counts['failed']}"
-                  + (f", interrupted {counts['interrupted']}" if counts["interrupted"] else "")
-                  + (f", did not report {missing}" if missing > 0 else ""))
-    return counts["failed"] + max(missing, 0)
+                  + "".join(f", {name} {counts[name]}" for name in names[3:] if counts[name]))
+    return counts["failed"] + counts["in use by another process"]
 
 
 def job(cfg: DictConfig) -> str:
@@ -309,7 +326,8 @@ def job(cfg: DictConfig) -> str:
 
     from . import stop
     from .config import validate
-    from .rundir import STATUS_FILE, differing_keys, load_run_config, read_complete_metrics, take_ownership
+    from .rundir import (STATUS_FILE, RunFolderBusy, RunLock, differing_keys, load_run_config,
+                         read_complete_metrics, take_ownership)
     from .train import TrainingInterrupted, train
 
     stop.install()
@@ -325,9 +343,13 @@ def job(cfg: DictConfig) -> str:
     status["knob"] = str(cfg.method.knob)
     console = Console(stderr=True)
     label = f"{cfg.task.name} {cfg.method.name} {cfg.method.knob} seed={cfg.seed} ({run_dir.name})"
+    holder = RunLock(run_dir).holder_message()
+    if holder is not None:  # another process's run: write nothing there (the summary looks at it at the end)
+        console.print(f"[yellow]in use[/]: {label}: {holder}")
+        return "in use by another process"
     try:
         take_ownership(run_dir)
-    except DynbertError as error:  # not ours: write nothing there (the summary counts it as unreported)
+    except DynbertError as error:  # not ours: write nothing there (the summary counts it as failed)
         console.print(f"[red]failed[/]: {label}: {error}")
         return "failed"
     metrics = read_complete_metrics(run_dir)
@@ -346,6 +368,9 @@ def job(cfg: DictConfig) -> str:
                 validate(cfg)
                 metrics = train(cfg, console=console)
                 status["status"] = "done"
+            except RunFolderBusy as error:  # another process took the folder since the check above
+                console.print(f"[yellow]in use[/]: {label}: {error}")
+                return "in use by another process"
             except TrainingInterrupted as error:
                 status.update(status="interrupted", error=first_line(error))
                 console.print(f"[yellow]interrupted[/]: {label}: {status['error']}")

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynbert.errors import DynbertError, shorten
+from dynbert.errors import DynbertError, shorten, utf8_problem
 
 HUB_DATASET = "nyu-mll/glue"
 
@@ -116,6 +116,22 @@ def load_glue(spec: TaskSpec, data_dir: str | os.PathLike | None) -> dict[str, l
                            "hub; drop task.data_dir, or pick a GLUE task")
     if data_dir is None:
         return _load_hub(spec)
+    files = check_data_dir(spec, data_dir)
+    return {split: _read_tsv(Path(data_dir) / filename, spec) for split, filename in files.items()}
+
+
+def glue_data_dir(cfg, spec: TaskSpec) -> str | None:
+    """task.data_dir, else the task's folder under glue_dir (GLUE's download layout), else None (hub)."""
+    if cfg.task.data_dir is not None:
+        return str(Path(str(cfg.task.data_dir)).expanduser())
+    if cfg.glue_dir is not None:
+        return str(Path(str(cfg.glue_dir)).expanduser() / spec.folder)
+    return None
+
+
+def check_data_dir(spec: TaskSpec, data_dir: str | os.PathLike) -> dict[str, str]:
+    """{split: file name} of GLUE's TSV folder for ``spec``, or one sentence on what is missing; reads
+    no file, so a sweep checks every run's folder before any run starts."""
     folder = Path(data_dir)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -126,7 +142,7 @@ def load_glue(spec: TaskSpec, data_dir: str | os.PathLike | None) -> dict[str, l
         if not (folder / filename).is_file():
             raise DynbertError(f"{filename} is missing from {str(folder)!r}; GLUE's {spec.name} folder "
                                f"needs {', '.join(files.values())}")
-    return {split: _read_tsv(folder / filename, spec) for split, filename in files.items()}
+    return files
 
 
 def _read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
@@ -148,7 +164,7 @@ def _read_tsv(path: Path, spec: TaskSpec) -> list[Example]:
                     continue
                 examples.append(_parse_row(path, spec, line_number, fields, header, columns))
     except UnicodeDecodeError as error:
-        raise DynbertError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+        raise DynbertError(f"{path} is not UTF-8 text ({utf8_problem(path, error)}); "
                            f"pass GLUE's original TSV files") from error
     except OSError as error:
         raise DynbertError(f"could not read {path} ({error.strerror or error}); check its permissions") from error

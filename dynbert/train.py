@@ -28,7 +28,7 @@ from .data import Batch, Encoded, collate, encode, epoch_batches, load_splits
 from .errors import DynbertError, atomic_write_json
 from .evaluate import evaluate, run_warnings
 from .modeling import build_model, load_model, make_gated_model, save_model
-from .rundir import (CHECKPOINT_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
+from .rundir import (CHECKPOINT_FILE, CHECKPOINT_SUM_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
                      load_checkpoint, load_run_config, read_complete_metrics, save_checkpoint)
 from .tasks import TaskSpec, all_texts, get_task
 
@@ -124,6 +124,7 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         metrics["warnings"] = run_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        (run_dir / CHECKPOINT_SUM_FILE).unlink(missing_ok=True)
         logger.info("done: %s", {k: metrics[k] for k in ("score", "score_soft", "flops_ratio", "warnings")})
     accelerator.wait_for_everyone()
     return metrics if main else read_complete_metrics(run_dir)

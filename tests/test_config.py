@@ -116,6 +116,55 @@ def test_values_that_would_fail_mid_run_or_train_nothing_fail_at_once(override):
         compose_config([override])
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    # Past any sane λ the loss overflowed, and the run blamed the learning rates.
+    (["lambda=1e300"], "lambda=1e+300 is not valid: pass a number from 0 to 10000"),
+    (["lambda=1e4", "method.bimodal_weight=1000"], "method.bimodal_weight=1000 with lambda=10000.0 is not valid"),
+    # A number torch cannot hold as a float32 failed with its "value cannot be converted to type float".
+    (["train.lr=1e300"], "train.lr=1e+300 is not valid: pass a number >= 0 that a float32 holds (at most 3.4e+38)"),
+    (["method=ltp", "method.temperature=1e-300"], "method.temperature=1e-300 is not valid: pass a number > 0 that"),
+    (["train.warmup_ratio=2"], "train.warmup_ratio=2 is not valid"),
+    # The tiny model's sizes failed in torch or transformers, or trained a model of nothing.
+    (["model.num_layers=0"], "model.num_layers=0 is not valid: pass an integer >= 1"),
+    (["model.vocab_size=-5"], "model.vocab_size=-5 is not valid"),
+    (["model.num_heads=3"], "model.num_heads=3 is not valid: model.hidden_size=128 must split evenly"),
+    (["train.overwrite=maybe"], "train.overwrite=maybe is not valid: pass true or false"),
+    (["sweep.baseline=2"], "sweep.baseline=2 is not valid: pass true or false"),
+])
+def test_values_outside_what_they_mean_fail_at_once_naming_the_key(overrides, expected):
+    with pytest.raises(DynbertError, match=re.escape(expected)):
+        compose_config(overrides)
+
+
+def test_lambda_given_to_a_method_that_does_not_read_it_is_one_sentence():
+    for method in ("topk", "random"):
+        with pytest.raises(DynbertError, match=f"lambda=0.7 was given, but method={method} does not read it: its knob "
+                                               "is method.keep, e.g. method.keep=0.5; drop lambda"):
+            compose_config([f"method={method}", "lambda=0.7"])
+        assert compose_config([f"method={method}", "method.keep=0.3"]).method.keep == 0.3  # conf's λ is no choice
+    with pytest.raises(DynbertError, match="method=none prunes nothing and does not read it"):
+        compose_config(["method=none", "lambda=0.7"])
+    assert compose_config(["method=none", "lambda=0"])["lambda"] == 0  # what a sweep gives its baseline
+    assert compose_config(["method=ltp", "lambda=0.7"])["lambda"] == 0.7
+
+
+def test_cfg_job_as_hydra_apps_take_it_prints_the_config():
+    result = invoke("train", "--cfg", "job", "lambda=0.3")
+    assert result.exit_code == 0, result.output
+    assert OmegaConf.create(result.stdout)["lambda"] == 0.3
+    hydra = invoke("train", "--cfg", "hydra")
+    assert hydra.exit_code == 2 and "pass --cfg (or --cfg job)" in hydra.stderr
+    word = invoke("train", "--cfg", "jobs")
+    assert word.exit_code == 2 and "an override is key=value or group=option" in " ".join(word.stderr.split())
+
+
+def test_an_unquoted_non_ascii_value_says_to_quote_it(tmp_path):
+    with pytest.raises(DynbertError, match=re.escape(f"quote a value that holds non-ASCII or special characters, "
+                                                     f"e.g. output_dir='{tmp_path}/é'")):
+        compose_config([f"output_dir={tmp_path}/é"])
+    assert compose_config([f"output_dir='{tmp_path}/é'"]).output_dir == f"{tmp_path}/é"
+
+
 def test_a_home_folder_in_a_value_is_expanded_as_a_shell_would():
     """`task.data_dir=~/glue/SST-2`, as the README writes it: Hydra alone rejects the `~`."""
     cfg = compose_config(["task=sst2", "task.data_dir=~/glue/SST-2", "output_dir=~/runs/x"])

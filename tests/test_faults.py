@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from dynbert import stop
 from dynbert.config import compose_config
 from dynbert.modeling import train_wordpiece
 
-from glue_data import HEADERS, write_glue_run_folder, write_glue_tsv
+from glue_data import CASES, HEADERS, write_glue_run_folder, write_glue_tsv
 from helpers import (FAST, SYNTHETIC, comparable, dynbert_command, invoke, read_json, run_dynbert, snapshot,
                      train_stopping_at)
 
@@ -81,6 +82,17 @@ def make_inputs(root):
     unfinished = root / "unfinished_run"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text(OmegaConf.to_yaml(compose_config([*FAST, *SYNTHETIC])))
+    # Empty texts: every train sentence of SST-2; every second sentence of RTE's pairs.
+    rows, _ = CASES["sst2"]
+    write_glue_tsv(root / "sst2_empty", "sst2", [("", None, label) for _, _, label in rows] * 3)
+    write_glue_tsv(root / "sst2_empty", "sst2", rows * 3, "dev.tsv")
+    rte_rows, _ = CASES["rte"]
+    write_glue_run_folder(root / "rte_empty_b", "rte")
+    write_glue_tsv(root / "rte_empty_b", "rte", [(a, "", label) for a, _, label in rte_rows] * 3)
+    # A checkpoint whose config.json says a larger vocabulary than its weights hold.
+    shutil.copytree(root / "bert64", root / "vocab_mismatch")
+    config = json.loads((root / "vocab_mismatch" / "config.json").read_text())
+    (root / "vocab_mismatch" / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 8}))
 
 
 # (id, command after `dynbert`, a text the message must hold: the offending value). {root}: the inputs.
@@ -135,6 +147,26 @@ BAD_INPUTS = [
     ("bench --out a file", ["bench", "--quick", "--out", "{root}/a_file"], "--out {root}/a_file is a file"),
     ("1 MB header line", [*RTE, "task.data_dir={root}/wide"], "wide/train.tsv has columns ['xxx"),
     ("NUL bytes", [*RTE, "task.data_dir={root}/nul"], "nul/train.tsv has columns ['\\x00\\x00"),
+    # Empty texts trained a model on nothing (a 5-token vocabulary) and exited 0; empty second
+    # sentences were silently encoded as single sentences.
+    ("all sentences empty", ["train", *FAST, "task=sst2", "model=tiny", "task.data_dir={root}/sst2_empty"],
+     "6 of the 6 train examples of sst2 ({root}/sst2_empty/train.tsv) have an empty 'sentence'"),
+    ("second sentences empty", [*RTE, "task.data_dir={root}/rte_empty_b"],
+     "6 of the 6 train examples of rte ({root}/rte_empty_b/train.tsv) have an empty 'sentence2'"),
+    # Messages that pointed the wrong way: "look at the above report!" with no report; a loss that
+    # overflowed at λ = 1e300, blamed on the learning rates.
+    ("vocabulary size mismatch", [*TRAIN, "model.name_or_path={root}/vocab_mismatch", "task.max_length=32"],
+     "bert.embeddings.word_embeddings.weight (33, 32) where config.json makes (41, 32)"),
+    ("lambda 1e300", [*TRAIN, "lambda=1e300"], "lambda=1e+300 is not valid: pass a number from 0 to 10000"),
+    # Values accepted without a word.
+    ("lambda to top-k", [*TRAIN, "method=topk", "lambda=0.7"],
+     "lambda=0.7 was given, but method=topk does not read it: its knob is method.keep"),
+    ("warmup past training", [*TRAIN, "train.warmup_ratio=2"], "train.warmup_ratio=2 is not valid"),
+    ("learning rate 1e300", [*TRAIN, "train.lr=1e300"], "train.lr=1e+300 is not valid"),
+    ("heads that do not split the width", [*TRAIN, "model.num_heads=3"], "model.num_heads=3 is not valid"),
+    ("report format empty", ["report", "{root}/corrupt_run", "--format", ""], "No report format given"),
+    ("report --out a file name", ["report", "{root}/corrupt_run", "--out", "{root}/new.md"],
+     "--out {root}/new.md names a file (.md)"),
 ]
 
 
@@ -158,6 +190,49 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(tmp_path, args, expect
     after = snapshot(tmp_path)
     assert {path: after.get(path) for path in before} == before  # nothing there before was changed
     assert not any(path.endswith(("metrics.json", "bench.json")) for path in set(after) - set(before))
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    """A folder nothing may be written into. chmod stops everyone but root; as root (a container),
+    os.access says of it what it says to a user there, or to root on a read-only file system."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+            not mode & os.W_OK and real(path, mode, **kwargs)) if Path(path) == folder else real(path, mode, **kwargs))
+    yield folder
+    folder.chmod(0o755)
+
+
+def test_every_output_into_a_read_only_folder_is_refused_before_any_work_naming_the_folder(tmp_path, read_only):
+    """predict and report failed only after all their work, naming a temporary file; train failed
+    on its lock file with a generic error."""
+    run = tmp_path / "run"
+    assert invoke(*TRAIN, f"output_dir={run}").exit_code == 0
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a good film\n")
+    # (command, where it writes, as the message names it)
+    commands = [
+        ([*TRAIN, f"output_dir={read_only}"], f"output_dir={read_only}"),
+        ([*TRAIN, f"output_dir={read_only / 'run'}"], f"output_dir={read_only / 'run'}"),
+        (["sweep", *FAST, *SYNTHETIC, "lambda=0.1", f"output_dir={read_only / 'sweep'}"],
+         f"output_dir={read_only / 'sweep'}"),
+        (["predict", run, "--input", texts, "--out", read_only / "predictions.tsv"], f"--out {read_only}/predictions.tsv"),
+        (["report", run, "--out", read_only / "report"], f"--out {read_only}/report"),
+        (["inspect", run, "a good film", "--out", read_only / "film.png"], f"--out {read_only}/film.png"),
+        (["bench", "--quick", "--out", read_only / "bench"], f"--out {read_only}/bench"),
+    ]
+    for args, named in commands:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        message = result.stderr.strip().splitlines()[-1]
+        assert message == (f"error: {named} cannot be written: {read_only} is not writable (pass another folder, "
+                           "or make it writable)"), message
+        assert "examples/s" not in result.stderr  # predict refused before predicting
+    assert not any(read_only.iterdir())
 
 
 def test_a_run_that_failed_before_training_does_not_block_the_corrected_command(tmp_path):

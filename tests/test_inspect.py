@@ -331,6 +331,18 @@ def test_bad_inputs_are_one_sentence_and_write_nothing(run, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_the_python_api_refuses_a_bad_batch_size_or_no_texts_in_one_sentence(run):
+    """batch_size=-3 and None failed with torch's or Python's own errors."""
+    model = dynbert.load(run)
+    for batch_size in (-3, 0, 2.5, True):
+        with pytest.raises(DynbertError, match=rf"batch_size={batch_size!r} is not valid: pass an integer >= 1"):
+            model.predict(["good"], batch_size=batch_size)
+    for texts in (None, 3):
+        with pytest.raises(DynbertError, match=f"predict takes a list of texts, not {type(texts).__name__}"):
+            model.predict(texts)
+    assert len(model.predict(["good"], batch_size=1)) == 1
+
+
 def test_a_text_longer_than_the_run_allows_is_truncated_and_said_once(run, tmp_path):
     long_text = " ".join(["fine"] * 80)  # the synthetic run takes 48 tokens
     result = invoke("predict", run, "--input", "-", "--format", "jsonl", stdin=f"{long_text}\n{long_text}\ngood\n")

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -273,3 +274,78 @@ def test_one_value_in_an_experiments_sweep_params_plans_one_value():
     assert cfg.train.epochs == 8 and folder == Path("outputs/sweeps/glue-minilm-sst2-8ep")
     assert sorted(str(run_dir.relative_to(folder)) for run_dir, _ in jobs) == [
         f"sst2/{name}-seed{seed}" for name in ("gates-lambda0.2", "none-lambda0") for seed in (0, 1, 2)]
+
+
+def test_a_non_ascii_output_dir_sweeps_as_train_and_the_dry_run_take_it(tmp_path):
+    """The folder went to the multirun as an override, and Hydra's lexer refused `é` there."""
+    folder = tmp_path / "swé"
+    args = [*SWEEP, "lambda=0.1", "sweep.baseline=false", f"output_dir='{folder}'"]
+    dry = invoke(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout.splitlines() == [f"{folder}/synthetic/gates-lambda0.1-seed0", str(folder)]
+    result = run_dynbert(*args)
+    assert result.returncode == 0, result.stderr
+    assert summary(result.stderr) == "done 1, skipped (already complete) 0, failed 0"
+    assert (folder / "synthetic" / "gates-lambda0.1-seed0" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("swept", ["lambda=range(1,1)", "seed=range(0,0)"])
+def test_a_swept_key_without_values_fails_before_any_run(tmp_path, swept):
+    """lambda=range(1,1) ran only the baseline and exited 0."""
+    result = invoke(*SWEEP, swept, f"output_dir={tmp_path}", "--dry-run")
+    assert result.exit_code == 2, result.output
+    assert f"error: {swept} gives no values, so none of its runs would train" in " ".join(result.stderr.split())
+
+
+def test_lambda_still_goes_only_to_the_methods_whose_knob_it_is():
+    from dynbert.sweep import plan_sweep
+
+    _, runs, _ = plan_sweep(["method=gates,topk", "lambda=0.1"])  # topk's jobs do not get it, so no error
+    assert ["lambda=0.1" in run for run in runs] == [True, False, False]
+
+
+def test_a_run_folder_dynbert_did_not_write_fails_the_sweep_before_any_run(tmp_path):
+    mine = tmp_path / "synthetic" / "gates-lambda0.3-seed0"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine\n")
+    result = invoke(*SWEEP, "lambda=0.1,0.3", f"output_dir={tmp_path}")
+    assert result.exit_code == 2, result.output
+    assert f"output_dir {mine} already holds files that dynbert did not write (notes.txt)" in result.stderr
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["gates-lambda0.3-seed0", "notes.txt", "synthetic"]
+
+
+def test_a_run_another_process_holds_is_left_to_it_and_counted_as_in_use(tmp_path):
+    """It printed 'failed: ... in use by process N', wrote a status into that process's folder,
+    and the summary said 'failed 0, did not report 1'."""
+    held = tmp_path / "synthetic" / "gates-lambda0.1-seed0"
+    held.mkdir(parents=True)
+    (held / ".dynbert-lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                    "since": time.time()}))
+    result = run_dynbert(*SWEEP, "lambda=0.1", "sweep.baseline=false", f"output_dir={tmp_path}")
+    assert result.returncode == 1, result.stderr
+    assert f"in use by process {os.getpid()}" in result.stderr and "Traceback" not in result.stderr
+    assert summary(result.stderr) == "done 0, skipped (already complete) 0, failed 0, in use by another process 1"
+    assert sorted(path.name for path in held.iterdir()) == [".dynbert-lock"]  # nothing written into its folder
+
+
+def test_a_run_another_process_completed_counts_as_complete_not_failed(tmp_path):
+    from rich.console import Console
+
+    from dynbert.sweep import _summarize
+
+    from test_report import write_run
+
+    ours = write_run(tmp_path, "synthetic/gates-lambda0-seed0", task="synthetic")
+    (ours / "status.json").write_text(json.dumps(dict(sweep_id="ours", task="synthetic", method="gates",
+                                                      knob="lambda0", seed=0, run_dir=str(ours), status="done")))
+    theirs = write_run(tmp_path, "synthetic/gates-lambda0.1-seed0", task="synthetic", **{"lambda": 0.1})
+    (theirs / "status.json").write_text(json.dumps(dict(sweep_id="theirs", task="synthetic", method="gates",
+                                                        knob="lambda0.1", seed=0, run_dir=str(theirs), status="done")))
+    console = Console(record=True, width=200)
+    assert _summarize(tmp_path, "ours", [ours, theirs], console, stopped=False) == 0
+    assert console.export_text().splitlines()[-1] == (
+        "done 1, skipped (already complete) 0, failed 0, completed by another process 1")
+    lost = tmp_path / "synthetic" / "gates-lambda0.3-seed0"  # its job failed before it could report
+    assert _summarize(tmp_path, "ours", [ours, theirs, lost], console, stopped=False) == 1
+    assert console.export_text().splitlines()[-1] == (
+        "done 1, skipped (already complete) 0, failed 1, completed by another process 1")

@@ -120,6 +120,45 @@ def test_non_utf8_file(tmp_path):
         load_glue(get_task("sst2"), tmp_path)
 
 
+def test_non_utf8_byte_past_the_readers_first_chunk_is_named_by_its_offset_and_line(tmp_path):
+    """The reader decodes 8 KB at a time: its own offset (4587) counted from the chunk, not the file."""
+    write_glue_folder(tmp_path, "sst2")
+    head = ("sentence\tlabel\n" + "".join(f"a fine film number {i}\t1\n" for i in range(3000))).encode()
+    (tmp_path / "train.tsv").write_bytes(head + b"caf\xe9\t1\n")
+    with pytest.raises(DynbertError, match=rf"train.tsv is not UTF-8 text \(invalid continuation byte at byte "
+                                           rf"{len(head) + 3}, line 3002\)"):
+        load_glue(get_task("sst2"), tmp_path)
+
+
+def test_a_mostly_empty_split_is_refused_and_a_few_empty_rows_are_counted(tmp_path, capsys):
+    from dynbert.config import compose_config
+    from dynbert.data import load_splits
+
+    rows, _ = CASES["rte"]
+    write_glue_tsv(tmp_path, "rte", rows * 4, "dev.tsv")
+    cfg = compose_config(["task=rte", "model=tiny", f"task.data_dir={tmp_path}"])
+    write_glue_tsv(tmp_path, "rte", [("", b, label) for _, b, label in rows[:1]] + rows * 3)
+    splits = load_splits(cfg, get_task("rte"))
+    assert len(splits["train"]) == 7  # kept, and counted
+    assert f"warning: 1 of the 7 train examples of rte ({tmp_path}/train.tsv) have an empty 'sentence1'; they are " \
+           "kept" in " ".join(capsys.readouterr().err.split())
+    write_glue_tsv(tmp_path, "rte", [(a, " ", label) for a, _, label in rows * 2] + [("", "", "entailment")] + rows)
+    with pytest.raises(DynbertError, match=r"5 of the 7 train examples of rte \(.*\) have an empty 'sentence1' \(1\) "
+                                           r"or 'sentence2' \(5\): a model would learn from or be scored on next to"):
+        load_splits(cfg, get_task("rte"))
+
+
+def test_a_pair_whose_second_text_is_empty_is_still_encoded_as_a_pair():
+    from dynbert.data import encode
+    from dynbert.modeling import train_wordpiece
+
+    tokenizer = train_wordpiece(["bob ran home"], vocab_size=50)
+    encoded = encode([Example("bob ran", "", 0), Example("bob", "", 1)], tokenizer, 16, get_task("rte"))
+    sep = tokenizer.sep_token_id
+    assert [ids.count(sep) for ids in encoded.input_ids] == [2, 2]  # [CLS] a [SEP] [SEP], as for any pair
+    assert [types[-1] for types in encoded.token_type_ids] == [1, 1]
+
+
 def test_crlf_and_blank_lines_are_tolerated(tmp_path):
     (tmp_path / "train.tsv").write_bytes(b"sentence\tlabel\r\n\r\nfine \"film\t1\r\n\nbad\t0\r\n")
     (tmp_path / "dev.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\nok\t1\n")  # a byte-order mark
