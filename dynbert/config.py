@@ -100,6 +100,25 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
+def _check_lambda_given(cfg: DictConfig, overrides: list[str]) -> None:
+    """A λ the user passed to a method whose knob is not λ would be ignored (top-k and random read
+    method.keep) or only rename the folder (the baseline): one sentence instead. λ from conf/ (the
+    default 0.1, an experiment's) is not the user's choice; the baseline's λ = 0, what `dynbert sweep`
+    passes it, means what the baseline does."""
+    if not any(line.partition("=")[0].lstrip("+~") == "lambda" for line in overrides):
+        return
+    # The method's own knob, from its grid: a FLOPs target (knob_key's method.target) still reads λ.
+    grid = cfg.method.get("grid")
+    knob, lam, name = None if grid is None else str(grid).partition("=")[0].strip(), cfg["lambda"], cfg.method.name
+    if knob == "lambda" or (knob is None and lam == 0):
+        return
+    if knob is None:
+        raise DynbertError(f"lambda={lam} was given, but method={name} prunes nothing and does not read it: "
+                           "drop lambda (or pass lambda=0)")
+    raise DynbertError(f"lambda={lam} was given, but method={name} does not read it: its knob is {knob}, "
+                       f"e.g. {knob}=0.5; drop lambda")
+
+
 def _explain(error: Exception) -> str:
     """Hydra's first line, with what to do instead of what Hydra suggests."""
     text, first = str(error), first_line(error)
@@ -137,6 +156,10 @@ def validate(cfg: DictConfig) -> None:
                                or not all(_is_int(i) for i in layers)):
         raise DynbertError(f"method.layers={layers} is not valid: pass null (every layer) or a non-empty list "
                            "of layer indices, e.g. method.layers=[0,1,2] (method=none prunes nothing)")
+    target = cfg.method.get("target")
+    if target is not None and (not _is_number(target) or not 0 < target < 1):
+        raise DynbertError(f"method.target={target} is not valid: pass the FLOPs ratio to reach, a number in "
+                           "(0, 1) (0.5 = 2x fewer FLOPs), or null to use lambda")
     keep = cfg.method.get("keep")
     if keep is not None and (not _is_number(keep) or not 0 < keep <= 1):
         raise DynbertError(f"method.keep={keep} is not valid: pass the fraction of tokens the last layer "
@@ -214,9 +237,19 @@ def validate(cfg: DictConfig) -> None:
 
 def knob_key(method_cfg: DictConfig) -> str | None:
     """The key a method's trade-off knob is (``lambda``, ``method.keep``), from its ``grid``;
-    None for the un-pruned baseline."""
+    ``method.target`` when the run asks for a FLOPs ratio instead; None for the un-pruned baseline."""
     grid = method_cfg.get("grid")
-    return None if grid is None else str(grid).partition("=")[0].strip()
+    if grid is None:
+        return None
+    if method_cfg.get("target") is not None:
+        return "method.target"
+    return str(grid).partition("=")[0].strip()
+
+
+# A method's config names its run folder after its knob, or after its FLOPs target when it has one:
+# `knob: ${knob:lambda${lambda},${method.target}}` gives lambda0.1, or target0.5.
+OmegaConf.register_new_resolver("knob", lambda knob, target: knob if target is None else f"target{target}",
+                                replace=True)
 
 
 def _check_grid(cfg: DictConfig) -> None:

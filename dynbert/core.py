@@ -125,10 +125,18 @@ class TokenPruner(nn.Module):
         self.layers = list(layers)
         self.max_length = max_length
         self.row = {layer: row for row, layer in enumerate(self.layers)}
+        self.flops_target = None
+        """A ``methods.target.FlopsTarget`` when the run asked for a FLOPs ratio (``method.target``)
+        instead of a λ: its target and learned multiplier go into metrics.json. (An instance
+        attribute: a class attribute would hide the submodule a method sets here.)"""
 
     def knob_active(self, lam: float) -> bool:
         """Whether this run asked for pruning at all (λ > 0 for a λ-driven method)."""
         return lam > 0
+
+    def calibrate(self, lengths: list[int], dims: EncoderDims) -> None:
+        """Before training: fit what the method derives from the training inputs' lengths (``lengths``,
+        tokens per example) and the encoder's sizes, e.g. the keep schedule that meets a FLOPs target."""
 
     def prepare(self, hard: bool):
         """Per-forward values (a gate table, thresholds), computed once before the layers run."""
@@ -202,6 +210,13 @@ class GatedOutput:
     """Soft mode: (batch, pruned layers, input length) the keep weight each pruned layer gave each
     token (CLS 1, pads 0; not cumulative); differentiable. A regularizer on each layer's own
     decisions (LTP's) reads it."""
+    flops_ratio_soft: torch.Tensor | None = None
+    """Soft mode: () the batch's expected FLOPs ratio, the engine's count (``flops_per_example``) of
+    the expected tokens after each layer (the sum of the tokens' cumulative weights); differentiable,
+    so a method can hold it to a target. With 0/1 weights it is ``flops_ratio_hard``."""
+    flops_ratio_hard: torch.Tensor | None = None
+    """Soft mode: () the FLOPs ratio of the same batch with the decisions rounded (weight >= 0.5), as
+    hard mode would run it; no gradient."""
     scores: torch.Tensor | None = None
     """Only with ``return_scores``: (batch, num_layers, input length) the score each original
     position was ranked by at each layer; NaN where the layer ranked nothing (it prunes nothing, or
@@ -267,6 +282,7 @@ class GatedModel(nn.Module):
         pruning = prune and bool(method.layers)
         values = method.prepare(hard) if pruning else None
         kept_counts, present_per_layer, kept_soft, layer_weights, scores_per_layer = [], [], [], [], []
+        expected_counts = []
         decided = decisions = None
         if not hard and pruning:
             decided = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
@@ -308,15 +324,27 @@ class GatedModel(nn.Module):
                     kept_soft.append(kept_weight.sum(dim=1) / num_tokens)
                     layer_weights.append(torch.where(real, weight, 0.0))
             hidden = self.encoder.feed_forward(layer, attended)
+            if not hard and pruning:
+                expected_counts.append(kept_weight.float().sum(dim=1))
             kept_counts.append(alive.sum(dim=1))
             present_per_layer.append(_scatter_present(alive, positions, length))
 
         logits = self.encoder.head(hidden)
+        flops_ratio_soft = flops_ratio_hard = None
+        if expected_counts:
+            dims = self.encoder.dims
+            full = flops_per_example(num_tokens, baseline_kept(num_tokens, dims.num_layers), dims, torch.float).mean()
+            expected = flops_per_example(num_tokens, torch.stack(expected_counts, dim=1), dims, torch.float)
+            flops_ratio_soft = expected.mean() / full
+            with torch.no_grad():
+                rounded = flops_per_example(num_tokens, torch.stack(kept_counts, dim=1), dims, torch.float)
+                flops_ratio_hard = rounded.mean() / full
         return GatedOutput(logits=logits, num_tokens=num_tokens, kept=torch.stack(kept_counts, dim=1),
                            present=torch.stack(present_per_layer, dim=1),
                            kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None,
                            decided=decided, decisions=decisions,
                            weights=torch.stack(layer_weights, dim=1) if layer_weights else None,
+                           flops_ratio_soft=flops_ratio_soft, flops_ratio_hard=flops_ratio_hard,
                            scores=torch.stack(scores_per_layer, dim=1) if return_scores else None)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
@@ -360,20 +388,23 @@ def _scatter_scores(score, alive, positions, length) -> torch.Tensor:
 # FLOPs (METHOD.md §4): matrix products only, FLOPs = 2 x MACs, per example on real tokens.
 
 
-def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, dims: EncoderDims) -> torch.Tensor:
+def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, dims: EncoderDims,
+                      dtype: torch.dtype = torch.double) -> torch.Tensor:
     """Analytic FLOPs of each example for a kept-token schedule.
 
     Layer l with L_in tokens entering and L_out after its decision (made after attention):
     MAC = 4·D²·L_in (Q, K, V, O) + 2·D·L_in² (QKᵀ, AV) + 2·D·I·L_out (FFN). The head (on the first
     token: BERT's pooler and classifier, RoBERTa's and ELECTRA's dense and out_proj, DistilBERT's
     pre_classifier and classifier) and any projection inside the embeddings are counted; embedding
-    lookups are not matrix products. ``num_tokens``: (batch,); ``kept``: (batch, layers).
+    lookups are not matrix products. ``num_tokens``: (batch,); ``kept``: (batch, layers), counts or
+    (differentiable) expected counts. ``dtype``: double for reports; float where gradients flow
+    (some devices have no float64).
     """
     hidden, intermediate = dims.hidden, dims.intermediate
-    tokens_out = kept.double()
-    tokens_in = torch.cat([num_tokens.double()[:, None], tokens_out[:, :-1]], dim=1)
+    tokens_out = kept.to(dtype)
+    tokens_in = torch.cat([num_tokens.to(dtype)[:, None], tokens_out[:, :-1]], dim=1)
     macs = (4 * hidden**2 * tokens_in + 2 * hidden * tokens_in**2 + 2 * hidden * intermediate * tokens_out)
-    macs = macs.sum(dim=1) + dims.head_macs + dims.embed_macs_per_token * num_tokens.double()
+    macs = macs.sum(dim=1) + dims.head_macs + dims.embed_macs_per_token * num_tokens.to(dtype)
     return 2 * macs
 
 

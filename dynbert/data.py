@@ -93,6 +93,13 @@ class Encoded:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    def head(self, count: int) -> Encoded:
+        """The first ``count`` examples."""
+        return Encoded(input_ids=self.input_ids[:count],
+                       token_type_ids=None if self.token_type_ids is None else self.token_type_ids[:count],
+                       labels=self.labels[:count], cue_mask=None if self.cue_mask is None else self.cue_mask[:count],
+                       pad_id=self.pad_id)
+
 
 def encode(examples: list[Example], tokenizer, max_length: int, spec: TaskSpec) -> Encoded:
     """Tokenize without padding (batches pad to their own longest input)."""

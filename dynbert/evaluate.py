@@ -107,6 +107,7 @@ def evaluate(gated: GatedModel, encoded: dict[str, Encoded], spec: TaskSpec, bat
                 metrics["baseline_flops_per_example"] = result["baseline_flops"].mean().item()
                 metrics["flops_ratio"] = metrics["flops_per_example"] / metrics["baseline_flops_per_example"]
                 metrics["kept_per_layer"] = result["kept"].mean(dim=0).tolist()
+                metrics["trivial_score"] = trivial_score(spec, data.labels)
                 # Cue tokens entering the last layer (after it, only CLS is read: its gates close).
                 cue_per_layer = result["cue_kept"]
                 metrics["cue_kept_per_layer"] = cue_per_layer
@@ -118,7 +119,26 @@ def evaluate(gated: GatedModel, encoded: dict[str, Encoded], spec: TaskSpec, bat
                     metrics["most_predicted"] = most_predicted(spec, result["predictions"], data.labels)
                     same = soft_preds[split] == result["predictions"]
                     metrics["hard_soft_agreement"] = same.float().mean().item()
+    if "train" in encoded:
+        # The same model on training inputs: whether the FLOPs it was trained to (a method.target)
+        # hold on dev, whose lengths may differ (SST-2's training phrases are half as long).
+        sample = encoded["train"].head(TRAIN_FLOPS_SAMPLE)
+        result = predict(gated, sample, batch_size, True, spec, autocast)
+        metrics["train_flops_ratio"] = (result["flops"].mean() / result["baseline_flops"].mean()).item()
     return metrics
+
+
+TRAIN_FLOPS_SAMPLE = 1000
+"""Training examples (the first ones) whose FLOPs ratio metrics.json reports beside dev's."""
+
+
+def trivial_score(spec: TaskSpec, labels: torch.Tensor) -> float:
+    """The score of always answering the most frequent class (0 for STS-B: a constant has no
+    correlation): how far above knowing nothing a score is."""
+    if spec.is_regression:
+        return 0.0
+    majority = int(torch.bincount(labels, minlength=spec.num_labels).argmax())
+    return compute_metrics(spec, [majority] * len(labels), labels.tolist())[spec.main_metric]
 
 
 def most_predicted(spec: TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict:

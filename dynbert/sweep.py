@@ -32,10 +32,11 @@ from rich.table import Table
 
 from .config import knob_key
 from .console import print_table
-from .errors import DynbertError, atomic_write_json, first_line
+from .errors import DynbertError, atomic_write_json, check_writable_folder, first_line
 
 _SWEEP_ID, _SWEEP_TOTAL, _SWEEP_PARENT = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL", "DYNBERT_SWEEP_PARENT"
-NAMED_KEYS = ("task", "lambda", "seed", "method", "method.keep", "output_dir")
+_SWEEP_DIR = "DYNBERT_SWEEP_DIR"
+NAMED_KEYS = ("task", "lambda", "seed", "method", "method.keep", "method.target", "output_dir")
 """Swept keys the run folder already names (``<task>/<method>-<knob>-seed<seed>``)."""
 
 
@@ -111,13 +112,14 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
 
     plain, swept = _split_overrides(overrides)
     given = {_key(line): line for line in plain} | {_key(key): line for key, line in swept.items()}
-    common = [line for line in plain if not _key(line).startswith("method")]  # what every method gets
+    knob_owners = _knob_owners()
+    # What every method gets; a knob (λ, keep) only goes to its own methods, checked in their jobs below.
+    common = [line for line in plain if not _key(line).startswith("method") and _key(line) not in knob_owners]
     cfg = compose_config(common + [line for line in plain if _key(line) == "method"])
     methods = _values(swept["method"]) if "method" in swept else [cfg.method.name]
     probes = {name: compose_config(common + [f"method={name}"]) for name in dict.fromkeys(methods)}
     if cfg.sweep.baseline and "none" not in probes:
         probes["none"] = compose_config(common + ["method=none"])
-    knob_owners = _knob_owners()
     for key in given:
         if key != "method" and not any(_routes(key, probe, knob_owners) for name, probe in probes.items()
                                        if name in methods):
@@ -135,7 +137,9 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
             if key not in given and _routes(key, probe, knob_owners):
                 grid[key] = f"{key}={values}"
         knob = knob_key(probe.method)
-        if knob is not None and knob not in given and knob not in grid:
+        # A FLOPs target replaces the method's knob: its λ grid is not swept beside it.
+        targeted = "method.target" in grid or any(_key(line) == "method.target" for line in passed)
+        if knob is not None and knob not in given and knob not in grid and not targeted:
             grid[knob] = str(probe.method.grid)
         fixed = [f"method={name}"] + (["lambda=0"] if name == "none" else [])
         _check_values(passed + fixed, grid)
@@ -300,11 +304,38 @@ def _statuses(folder: Path, sweep_id: str | None) -> list[dict]:
     return statuses
 
 
-def _summarize(folder: Path, sweep_id: str, total: int, console: Console) -> int:
+def _summarize(folder: Path, sweep_id: str, run_dirs: list[Path], console: Console, stopped: bool) -> int:
+    """Print what became of every planned run; return how many did not complete.
+
+    A run with no status from this sweep was left to another process that held its folder (its
+    status.json is that process's): complete by now, it counts as such; otherwise it is in use
+    elsewhere, was never started (the sweep was stopped), or its job failed before it could report
+    (its error is printed above).
+    """
+    from .report import format_knob
+    from .rundir import RunLock, read_complete_metrics
+
     statuses = _statuses(folder, sweep_id)
-    names = ("done", "skipped", "failed", "interrupted")
+    reported = {s["run_dir"] for s in statuses}
+    for run_dir in run_dirs:
+        if str(run_dir) in reported:
+            continue
+        row = dict(task=run_dir.parent.name, method="", knob="", seed="", run_dir=str(run_dir))
+        metrics = read_complete_metrics(run_dir)
+        holder = RunLock(run_dir).holder_message()
+        if metrics is not None:
+            row.update(status="completed by another process", score=metrics["score"],
+                       flops_ratio=metrics["flops_ratio"], method=metrics.get("method", ""),
+                       knob=format_knob(metrics.get("knob"), metrics.get("knob_value")), seed=metrics["seed"])
+        elif holder is not None:
+            row.update(status="in use by another process", error=holder)
+        elif stopped:
+            row.update(status="interrupted", error="not started: the sweep was stopped")
+        else:
+            row.update(status="failed", error="no result: its job's error is printed above")
+        statuses.append(row)
+    names = ("done", "skipped", "failed", "interrupted", "completed by another process", "in use by another process")
     counts = {name: sum(s["status"] == name for s in statuses) for name in names}
-    missing = total - len(statuses)
     table = Table(title=f"sweep {folder}")
     for column in ("task", "method", "knob", "seed", "run", "status", "score", "FLOPs ratio", "note"):
         table.add_column(column)

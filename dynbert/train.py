@@ -103,6 +103,10 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(splits["train"]))
     gated = make_gated_model(model, cfg.method, cfg.task.max_length)
     encoded = {name: encode(examples, tokenizer, cfg.task.max_length, spec) for name, examples in splits.items()}
+    try:
+        gated.method.calibrate(encoded["train"].lengths, gated.encoder.dims)
+    except ValueError as error:  # a target the method cannot reach on this data
+        raise DynbertError(f"bad method setting: {error}") from error
 
     state = fit(gated, encoded["train"], cfg, run_dir, spec, accelerator, logger, console)
 
@@ -121,6 +125,10 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         knob = knob_key(cfg.method)
         metrics["knob"] = knob
         metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob))
+        # A FLOPs target, and the multiplier learned to reach it (what λ would have had to be).
+        metrics["target"] = cfg.method.get("target")
+        flops_target = gated.method.flops_target
+        metrics["multiplier"] = None if flops_target is None else flops_target.multiplier
         metrics["warnings"] = run_warnings(metrics, lam, gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -292,7 +300,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                 state.step += 1
 
                 speed = (state.step - first_step) * tcfg.batch_size * accumulate / (time.perf_counter() - started)
-                stats = _step_stats(loss_task, parts, out) + f" {speed:.0f} ex/s"
+                stats = _step_stats(loss_task, parts, out, method.flops_target) + f" {speed:.0f} ex/s"
                 progress.update(bar, completed=state.step, stats=stats)
                 if state.step % 50 == 0 or state.step == total_steps:
                     logger.info("step %d/%d %s", state.step, total_steps, stats)
@@ -380,12 +388,16 @@ def _step_batch(data: Encoded, cfg: DictConfig, batch_number: int, cache: dict) 
     return cache[epoch][offset]
 
 
-def _step_stats(loss_task, parts, out) -> str:
+def _step_stats(loss_task, parts, out, flops_target) -> str:
     text = f"task {loss_task.item():.3f}"
     if parts is not None:
         kept = (out.kept.float() / out.num_tokens.float()[:, None]).mean(dim=0)
         text += (f" sparsity {parts.sparsity.item():.3f} bimodal {parts.bimodal.item():.4f}"
                  f" kept {' '.join(f'{k:.2f}' for k in kept.tolist())}")
+    if out.flops_ratio_soft is not None:
+        text += f" FLOPs {out.flops_ratio_soft.item():.3f}"
+    if flops_target is not None:
+        text += f" multiplier {flops_target.multiplier:.3f}"
     return text
 
 

@@ -185,8 +185,11 @@ def test_the_keep_schedule_falls_linearly_to_keep_at_the_last_layer():
     assert keep_counts(0.7, 12)[[10, 1, 3]].tolist() == [7, 1, 3]
     assert keep_counts(0.01, 12)[12].item() == 1
     assert keep_counts(0.5, 4).tolist() == [1, 1, 1, 2, 2]
-    with pytest.raises(ValueError, match="keep=0"):
-        keep_fractions([0], 2, 0.0)
+    with pytest.raises(ValueError, match="keep=1.5"):
+        keep_fractions([0], 2, 1.5)
+    # A keep solved for a FLOPs target may fall below 0: those layers keep CLS alone.
+    assert keep_fractions([0, 1], 2, -1.0) == pytest.approx([0.0, -1.0])
+    assert keep_counts(-1.0, 4).tolist() == [1, 1, 1, 1, 1]
 
     gated = peer("topk")  # keep 0.4 over 3 layers: 0.8, 0.6, 0.4 of each input
     input_ids, attention_mask = make_batch(seed=6)

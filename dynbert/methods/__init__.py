@@ -28,6 +28,9 @@ class NoPruning(TokenPruner):
 def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: int) -> TokenPruner:
     """The method the config asks for, pruning ``cfg.layers`` (null: every layer) of the model.
 
+    Keys added since a run folder was written (``target``, ``target_lr``, PoWER-BERT's ``ranks``)
+    take the value that run trained with: a saved config.yaml without them still loads.
+
     ``num_heads``: the encoder's attention heads (a method may average its score over them).
     """
     layers = list(range(num_layers)) if cfg.get("layers") is None else sorted(set(cfg.layers))
@@ -40,14 +43,18 @@ def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: i
         return Gates(layers, max_length, num_layers, score=cfg.score, parametrization=cfg.parametrization,
                      monotone=cfg.monotone, layer_weighting=cfg.layer_weighting, sparsity=cfg.sparsity,
                      bimodal_weight=cfg.bimodal_weight, bimodal_schedule=cfg.bimodal_schedule, lr=cfg.lr,
-                     start=cfg.start, harden_at=cfg.harden_at, ranks=cfg.ranks)
+                     start=cfg.start, harden_at=cfg.harden_at, ranks=cfg.ranks, target=cfg.get("target"),
+                     target_lr=cfg.get("target_lr", 0.1))
     if cfg.name == "power_bert":
-        return PowerBert(layers, max_length, lr=cfg.lr, start=cfg.start, retrain_at=cfg.retrain_at)
+        return PowerBert(layers, max_length, lr=cfg.lr, start=cfg.start, retrain_at=cfg.retrain_at,
+                         ranks=cfg.get("ranks", "absolute"), target=cfg.get("target"),
+                         target_lr=cfg.get("target_lr", 0.1))
     if cfg.name == "ltp":
         return LearnedTokenPruning(layers, max_length, num_layers, num_heads, threshold=cfg.threshold,
-                                   temperature=cfg.temperature, lr=cfg.lr, start=cfg.start, freeze_at=cfg.freeze_at)
+                                   temperature=cfg.temperature, lr=cfg.lr, start=cfg.start, freeze_at=cfg.freeze_at,
+                                   target=cfg.get("target"), target_lr=cfg.get("target_lr", 0.1))
     if cfg.name == "topk":
-        return TopK(layers, max_length, num_layers, keep=cfg.keep)
+        return TopK(layers, max_length, num_layers, keep=cfg.keep, target=cfg.get("target"))
     if cfg.name == "random":
-        return RandomTokens(layers, max_length, num_layers, keep=cfg.keep, seed=cfg.seed)
+        return RandomTokens(layers, max_length, num_layers, keep=cfg.keep, seed=cfg.seed, target=cfg.get("target"))
     raise ValueError(f"unknown method {cfg.name!r}")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner, rank_tokens
+from .target import TARGET_RAMP, FlopsTarget
 
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
@@ -96,18 +97,19 @@ def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu:
     return RegularizerParts(sparsity=sparsity, bimodal=bimodal)
 
 
-def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold") -> float:
+def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold", begin: float = 0.2) -> float:
     """μ at a point of the gates' training (progress in [0, 1]).
 
-    ``hold``: 0 for the first 20%, a linear ramp to scale·λ by 50%, then held. A constant
-    μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal gradient pushes up).
+    ``hold``: 0 until ``begin`` (20% of the phase), a linear ramp to scale·λ over the next 30%,
+    then held. A constant μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal
+    gradient pushes up).
     """
     if schedule not in BIMODAL_SCHEDULES:
         raise ValueError(f"unknown bimodal schedule {schedule!r}; expected one of {BIMODAL_SCHEDULES}")
     top = scale * lam
     if schedule == "constant":
         return top
-    return top * min(max((progress - 0.2) / 0.3, 0.0), 1.0)
+    return top * min(max((progress - begin) / 0.3, 0.0), 1.0)
 
 
 def phase_progress(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
@@ -134,7 +136,8 @@ class Gates(TokenPruner):
     def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
                  sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
-                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute"):
+                 lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute",
+                 target: float | None = None, target_lr: float = 1e-2):
         super().__init__(layers, max_length)
         if sparsity not in SPARSITY_TARGETS:
             raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
@@ -149,6 +152,8 @@ class Gates(TokenPruner):
         # The gates' phase ends at harden_at: then they are rounded to 0/1 and frozen, and the rest
         # of training fine-tunes the encoder on exactly the model that runs at inference.
         self.end = 1.0 if harden_at is None else harden_at
+        # method.target: λ is learned, holding the expected FLOPs ratio to the target (methods/target.py).
+        self.flops_target = None if target is None else FlopsTarget(target, target_lr)
 
     def prepare(self, hard: bool):
         gates = self.gates()
@@ -172,9 +177,19 @@ class Gates(TokenPruner):
         if self._hardened(step, total_steps):
             return None  # the gates are decided and frozen: nothing left to regularize
         progress = phase_progress(step, total_steps, self.start, self.end)
-        mu = bimodal_weight(progress, lam, self.scale, self.schedule)
-        kept_soft = out.kept_soft if self.sparsity == "tokens" else None
-        return gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
+        if self.flops_target is None:
+            mu = bimodal_weight(progress, lam, self.scale, self.schedule)
+            kept_soft = out.kept_soft if self.sparsity == "tokens" else None
+            return gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
+        # λ no longer prices the FLOPs (the learned multiplier does); it still sets the bi-modal
+        # push (μ = bimodal_weight·λ at full strength). The push waits until the target is reached:
+        # a gate it holds at 0 or 1 no longer moves, and the ratio would stop short of the target.
+        mu = bimodal_weight(progress, lam, self.scale, self.schedule, begin=TARGET_RAMP)
+        bimodal = gate_regularizer(self.gates(), self.weights, 0.0, mu).bimodal
+        return RegularizerParts(sparsity=self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_hard, progress), bimodal=bimodal)
+
+    def knob_active(self, lam: float) -> bool:
+        return self.flops_target is not None or lam > 0
 
     def param_groups(self) -> list[dict]:
         schedule = active_between(self.start, self.end)
@@ -189,6 +204,8 @@ class Gates(TokenPruner):
 
     def after_step(self) -> None:
         self.gates.project_()
+        if self.flops_target is not None:
+            self.flops_target.ascend()
 
     def harden_(self) -> None:
         self.gates.harden_()

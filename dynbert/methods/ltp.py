@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner
+from .gates import phase_progress
 from .stages import lr_decay, reached
+from .target import FlopsTarget
 
 FINE_TUNE, SOFT, HARD = 0, 1, 2
 """The stages, in order (``LearnedTokenPruning.stage``)."""
@@ -41,7 +43,7 @@ class LearnedTokenPruning(TokenPruner):
 
     def __init__(self, layers: list[int], max_length: int, num_layers: int, num_heads: int,
                  threshold: float = 0.01, temperature: float = 1e-3, lr: float = 2e-5, start: float = 0.33,
-                 freeze_at: float | None = 0.67):
+                 freeze_at: float | None = 0.67, target: float | None = None, target_lr: float = 0.1):
         super().__init__(layers, max_length)
         if temperature <= 0:
             raise ValueError(f"method.temperature={temperature} must be > 0")
@@ -54,6 +56,8 @@ class LearnedTokenPruning(TokenPruner):
         self.offsets = nn.Parameter(torch.zeros(len(layers)))
         # Saved with the model: a trained (hardened) model decides 0/1 in soft mode too, once reloaded.
         self.register_buffer("stage", torch.tensor(SOFT))
+        # method.target: the soft stage holds the FLOPs ratio to it instead of weighing masks by λ.
+        self.flops_target = None if target is None else FlopsTarget(target, target_lr)
 
     def thresholds(self) -> torch.Tensor:
         """θ_l = base_l + δ_l, one per pruned layer."""
@@ -87,9 +91,20 @@ class LearnedTokenPruning(TokenPruner):
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         if int(self.stage) != SOFT:
             return None
-        kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
-        sparsity = lam * kept_mean.sum()
+        if self.flops_target is not None:
+            progress = phase_progress(step, total_steps, self.start, 1.0 if self.freeze_at is None else self.freeze_at)
+            sparsity = self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_hard, progress)
+        else:
+            kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
+            sparsity = lam * kept_mean.sum()
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
+
+    def knob_active(self, lam: float) -> bool:
+        return self.flops_target is not None or lam > 0
+
+    def after_step(self) -> None:
+        if self.flops_target is not None:
+            self.flops_target.ascend()
 
     def param_groups(self) -> list[dict]:
         end = 1.0 if self.freeze_at is None else self.freeze_at

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 
 from ..core import LayerTokens, RegularizerParts, TokenPruner, rank_tokens
-from .gates import TokenGates
+from .gates import RANK_INDEXING, TokenGates, phase_progress
 from .stages import lr_window, reached
+from .target import FlopsTarget
 
 
 # A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
@@ -54,11 +55,22 @@ class PowerBert(TokenPruner):
                            "(method.start earlier, method.retrain_at later)")
 
     def __init__(self, layers: list[int], max_length: int, lr: float = 3e-3, start: float = 0.33,
-                 retrain_at: float = 0.67):
+                 retrain_at: float = 0.67, ranks: str = "absolute", target: float | None = None,
+                 target_lr: float = 0.1):
         super().__init__(layers, max_length)
         if not 0 <= start < retrain_at <= 1:
             raise ValueError(f"method.start={start} must come before method.retrain_at={retrain_at} "
                              "(both fractions of training)")
+        if ranks not in RANK_INDEXING:
+            raise ValueError(f"unknown rank indexing {ranks!r}; expected one of {RANK_INDEXING}")
+        # relative: rank r of n present tokens meets weight ⌊r·N/n⌋, and a fixed k_l keeps the
+        # share k_l/N of each input, so the FLOPs it was searched for hold on inputs of other lengths.
+        self.relative = ranks == "relative"
+        if target is not None and not self.relative:
+            # Absolute ranks past an input's length never meet a token, keep their weight of 1 and
+            # swell k_l = ⌊Σ W⌋: a target searched on 13-token inputs would prune nothing.
+            raise ValueError("method.target with power_bert needs method.ranks=relative (a kept share of each input)")
+        self.flops_target = None if target is None else FlopsTarget(target, target_lr)
         self.retention_weights = TokenGates(len(layers), max_length, "clip")
         self.register_buffer("depth", torch.tensor([layer + 1.0 for layer in layers]), persistent=False)
         # k_l once fixed; 0 until the retraining stage (a fixed k_l is at least 1: CLS).
@@ -86,20 +98,33 @@ class PowerBert(TokenPruner):
     def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         counts, weights = values
         rank = rank_tokens(tokens.score, tokens.alive)
+        present = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
         if counts is not None:
+            if self.relative:  # ⌊r·N/n⌋ < k  ⟺  r·N < k·n: the first k_l/N of the ranked tokens
+                return (rank * self.max_length < counts[row] * present).to(tokens.score.dtype)
             return (rank < counts[row]).to(tokens.score.dtype)
+        if self.relative:
+            rank = (rank * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
         return weights[row].gather(0, rank.flatten()).view_as(rank)
 
     def keeps_all(self, values, row: int, length: int) -> bool:
         counts, _ = values
-        return counts[row] >= length
+        return counts[row] >= (self.max_length if self.relative else length)
 
     def regularizer(self, out, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         searching = reached(step, total_steps, self.start) and not reached(step, total_steps, self.retrain_at)
         if not searching or self.retention_fixed:
             return None
-        sparsity = lam * (self.depth * self.retention_weights().sum(dim=1)).sum()
+        if self.flops_target is not None:
+            # The expected ratio both ways: k_l is fixed from the weights' sum, not by rounding each.
+            progress = phase_progress(step, total_steps, self.start, self.retrain_at)
+            sparsity = self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_soft, progress)
+        else:
+            sparsity = lam * (self.depth * self.retention_weights().sum(dim=1)).sum()
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
+
+    def knob_active(self, lam: float) -> bool:
+        return self.flops_target is not None or lam > 0
 
     def schedule_warning(self, total_steps: int) -> str | None:
         search = lr_window(self.start, self.retrain_at)
@@ -126,6 +151,8 @@ class PowerBert(TokenPruner):
 
     def after_step(self) -> None:
         self.retention_weights.project_()
+        if self.flops_target is not None:
+            self.flops_target.ascend()
 
     def harden_(self) -> None:
         """A run that ends before retraining began is evaluated with the retention it reached."""

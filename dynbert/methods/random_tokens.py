@@ -43,8 +43,9 @@ class RandomTokens(TopK):
     score = "cls_attention"
     """Random ranks need no score, but the engine computes one per pruned layer: the cheapest."""
 
-    def __init__(self, layers: list[int], max_length: int, num_layers: int, keep: float, seed: int):
-        super().__init__(layers, max_length, num_layers, keep)
+    def __init__(self, layers: list[int], max_length: int, num_layers: int, keep: float, seed: int,
+                 target: float | None = None):
+        super().__init__(layers, max_length, num_layers, keep, target)
         self.seed = seed
 
     def ranking(self, row: int, tokens: LayerTokens) -> torch.Tensor:

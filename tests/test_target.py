@@ -1,0 +1,129 @@
+"""`method.target`: a FLOPs ratio asked for and reached, for every method with a knob."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynbert.config import compose_config
+from dynbert.core import GatedModel, baseline_kept, flops_per_example
+from dynbert.encoders import EncoderDims, random_model
+from dynbert.methods import build_method
+from dynbert.methods.target import FlopsTarget, ramped_target
+from dynbert.methods.topk import keep_for_target, schedule_kept
+from dynbert.sweep import plan_sweep
+
+from helpers import FAST, SYNTHETIC, invoke, read_json
+
+DIMS = EncoderDims(hidden=64, intermediate=256, num_layers=4, head_macs=64 * 64 + 64 * 2)
+
+
+def test_the_target_is_ramped_from_one_over_the_first_half_of_the_phase_then_held():
+    assert ramped_target(0.4, 0.0) == 1.0
+    assert ramped_target(0.4, 0.25) == pytest.approx(0.7)
+    assert ramped_target(0.4, 0.5) == ramped_target(0.4, 1.0) == pytest.approx(0.4)
+
+
+def test_the_multiplier_rises_while_batches_cost_more_than_the_target_and_falls_when_less():
+    target = FlopsTarget(0.5, lr=0.1)
+    soft = torch.tensor(0.7, requires_grad=True)
+    loss = target.loss(soft, torch.tensor(0.9), progress=1.0)  # the rounded ratio, 0.9, is what counts
+    target.ascend()
+    assert target.multiplier == pytest.approx(0.1 * 0.4)
+    assert target.multipliers[1].item() == pytest.approx(0.1 * 0.4**2)
+    assert loss.item() == 0  # the multipliers were 0 for that batch
+    loss = target.loss(soft, torch.tensor(0.9), progress=1.0)
+    loss.backward()
+    assert soft.grad.item() == pytest.approx(0.04 + 2 * 0.016 * 0.4)  # through the expected ratio
+    target.ascend()
+    for _ in range(20):
+        target.loss(torch.tensor(0.3), torch.tensor(0.3), progress=1.0)
+        target.ascend()
+    assert target.multiplier < 0  # cheaper than asked: the pull turns, letting tokens back
+
+
+def test_the_soft_ratio_is_the_engines_count_and_equals_the_rounded_one_for_decided_weights():
+    torch.manual_seed(0)
+    model = random_model("bert", hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=50,
+                         max_positions=16, num_labels=2)
+    method = build_method(compose_config(["method=topk", "method.keep=0.4"]).method, 3, 16, 2)
+    gated = GatedModel(model, method).eval()
+    ids = torch.randint(5, 50, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    out = gated(ids, mask)
+    flops, full = gated.flops(out)
+    assert out.flops_ratio_soft.item() == pytest.approx(out.flops_ratio_hard.item(), rel=1e-6)
+    assert out.flops_ratio_hard.item() == pytest.approx((flops.mean() / full.mean()).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("target", [0.33, 0.5, 0.8])
+def test_topk_solves_the_keep_whose_schedule_costs_the_target_on_the_training_lengths(target):
+    lengths = [5, 9, 13, 13, 20, 31, 64]
+    keep = keep_for_target(target, lengths, [0, 1, 2, 3], DIMS)
+    n = torch.tensor(lengths)
+    ratio = (flops_per_example(n, schedule_kept(n, [0, 1, 2, 3], 4, keep), DIMS).mean()
+             / flops_per_example(n, baseline_kept(n, 4), DIMS).mean())
+    assert ratio.item() == pytest.approx(target, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["topk", "random"])
+def test_a_fixed_schedule_run_reaches_its_target_on_dev_and_reloads_with_it(tmp_path, method):
+    result = invoke("train", *FAST, *SYNTHETIC, "model.num_layers=4", f"method={method}", "method.target=0.4",
+                    f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["knob"] == "method.target" and metrics["knob_value"] == metrics["target"] == 0.4
+    assert abs(metrics["flops_ratio"] - 0.4) <= 0.03 and abs(metrics["train_flops_ratio"] - 0.4) <= 0.03
+    assert "target=0.4" in result.stderr
+
+    import dynbert
+
+    reloaded = dynbert.load(tmp_path)
+    # The solved keep (below 0 here: a schedule steeper than any keep in (0, 1]), not the config's 0.5.
+    assert reloaded.gated.method.keep < 0
+    assert reloaded.gated.method.keep == pytest.approx(float(reloaded.gated.method.solved_keep))
+
+
+def test_a_gated_run_holds_its_target_with_a_learned_multiplier(tmp_path):
+    args = ["train", *FAST, *SYNTHETIC, "method.target=0.5", "method.start=0", "train.max_steps=60",
+            "train.epochs=8", "method.target_lr=1", f"output_dir={tmp_path}"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["target"] == 0.5 and metrics["multiplier"] > 0
+    assert metrics["flops_ratio"] < 0.9  # the multiplier pulled tokens out; λ (0.1) alone prunes nothing here
+
+
+def test_the_run_folder_is_named_after_the_target_and_a_sweep_over_targets_sweeps_no_lambda():
+    cfg = compose_config(["method=ltp", "method.target=0.33"])
+    assert cfg.run_name == "ltp-target0.33-seed0"
+    _, runs, _ = plan_sweep(["method=gates,topk", "method.target=0.5,0.33"])
+    gates, topk, baseline = runs
+    assert "method.target=0.5,0.33" in gates and not any(line.startswith("lambda=") for line in gates)
+    assert not any(line.startswith("method.keep=") for line in topk)
+    assert not any("method.target" in line for line in baseline if not line.startswith("sweep.swept_keys"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("method.target=1.5", "method.target=1.5 is not valid"),
+    ("method.target=0", "method.target=0 is not valid"),
+])
+def test_a_target_outside_zero_to_one_is_one_sentence(tmp_path, override, message):
+    result = invoke("train", *FAST, override, f"output_dir={tmp_path}")
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_power_bert_needs_relative_ranks_for_a_target(tmp_path):
+    result = invoke("train", *FAST, "method=power_bert", "method.target=0.5", f"output_dir={tmp_path}")
+    assert result.exit_code == 2
+    assert "method.target with power_bert needs method.ranks=relative" in result.stderr
+
+
+def test_a_target_below_what_a_fixed_schedule_can_cost_is_one_sentence_before_training(tmp_path):
+    with pytest.raises(ValueError, match="below the least this schedule can cost"):
+        keep_for_target(0.05, [10, 20], [0, 1, 2, 3], DIMS)
+    result = invoke("train", *FAST, *SYNTHETIC, "method=topk", "method.target=0.1", f"output_dir={tmp_path}")
+    assert result.exit_code == 2 and "pass a target of at least" in result.stderr
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
