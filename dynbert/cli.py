@@ -1,4 +1,4 @@
-"""The `dynbert` command: train, sweep, report, bench, inspect, predict.
+"""The `dynbert` command: train, sweep, report, bench, inspect, predict, export.
 
 User mistakes (DynbertError) end in one sentence on stderr and exit code 2, never a traceback;
 `--debug` or DYNBERT_DEBUG=1 shows the traceback of anything.
@@ -207,13 +207,33 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
                                                "several (default 1 and 32; quick 1 and 8)."),
           schedule: list[str] = typer.Option(None, "--schedule", help="Keep schedule to time (full, keep70, ..., "
                                              "power, learned with --run); repeat for several (default: all)."),
+          inputs: str = typer.Option("random", "--inputs", help="random: full-length random ids; dev: the run's dev "
+                                     "texts as served (needs --run; writes serve_bench.json)."),
+          runtime: str = typer.Option(None, "--runtime", help="With --inputs dev: torch, onnxruntime or both "
+                                      "(comma list; default torch): dense and pruned models in each."),
           out: Path = typer.Option(Path("outputs/bench"), "--out", help="Folder for bench.json / train_bench.json, "
                                    "or a .json path.")):
     """Time pruned inference (gathered vs masked) against the plain model; print a table, write bench.json.
 
     With --train: time training steps (plain, gated, length-grouped, bf16) and write train_bench.json.
+    With --inputs dev: time the run on its own dev texts in PyTorch and ONNX Runtime (docs/export.md).
     """
     from .bench import result_path, run_bench
+    from .serve_bench import INPUTS, SERVE_BENCH_FILE, parse_runtimes, run_serve_bench
+
+    if inputs not in INPUTS:
+        raise DynbertError(f"--inputs {inputs} is not one of {', '.join(INPUTS)}")
+    if inputs == "dev" or runtime is not None:
+        if inputs != "dev" or run is None:
+            raise DynbertError("--runtime and --inputs dev time a trained run on its dev texts: pass --run RUN "
+                               "--inputs dev")
+        if train or model or data or dtype or schedule or device not in ("auto", "cpu"):
+            raise DynbertError("--inputs dev times the run's fp32 model on the CPU at --batch-size: drop --train, "
+                               "--model, --data, --dtype, --schedule and --device")
+        run_serve_bench(run, runtimes=parse_runtimes(runtime), batch_sizes=batch_size or None, quick=quick,
+                        threads=threads, out=out, console=stderr)
+        typer.echo(result_path(out, SERVE_BENCH_FILE))
+        return
 
     if train:
         from .train_bench import TRAIN_BENCH_FILE, run_train_bench
@@ -321,6 +341,23 @@ def predict_command(run: Path = typer.Argument(..., help="A finished run folder.
     else:
         atomic_write_text(out, text)
         typer.echo(out)
+
+
+@app.command("export")
+@user_errors
+def export_command(run: Path = typer.Argument(..., help="A finished run folder."),
+                   out: Path = typer.Option(..., "--out", help="The folder to write (new or empty)."),
+                   format: str = typer.Option("hf", "--format", help="hf: a transformers folder that loads pruned "
+                                              "with trust_remote_code=True; onnx: model.onnx for ONNX Runtime."),
+                   quantize: str = typer.Option(None, "--quantize", help="With --format onnx: int8 also writes "
+                                                "model.int8.onnx (onnxruntime's dynamic quantization)."),
+                   check: bool = typer.Option(True, "--check/--no-check", help="Compare the export with dynbert's "
+                                              "hard mode on the run's dev set (printed, and in export.json).")):
+    """Export the pruned model to serve it without dynbert: a transformers folder, or ONNX (docs/export.md)."""
+    from .export import export_run
+
+    export_run(run, out, fmt=format, quantize=quantize, check=check, console=stderr)
+    typer.echo(out)
 
 
 def _say_truncated(truncated: int, total: int, max_length: int) -> None:

@@ -39,7 +39,8 @@ def commands(name: str) -> list[str]:
 
 def test_the_readme_has_the_commands_this_file_checks():
     assert len(commands("train")) >= 5 and len(commands("sweep")) >= 3
-    assert {"report", "bench", "inspect", "predict"} <= {shlex.split(line)[1] for line in readme_command_lines()}
+    named = {shlex.split(line)[1] for line in readme_command_lines()}
+    assert {"report", "bench", "inspect", "predict", "export"} <= named
 
 
 @pytest.mark.parametrize("line", commands("train"))
@@ -58,7 +59,8 @@ def test_every_readme_sweep_line_plans(line):
     plan_sweep(shlex.split(line)[2:])
 
 
-@pytest.mark.parametrize("line", [line for name in ("report", "bench", "inspect", "predict") for line in commands(name)])
+@pytest.mark.parametrize("line", [line for name in ("report", "bench", "inspect", "predict", "export")
+                                  for line in commands(name)])
 def test_every_option_of_the_other_readme_lines_exists(line):
     args = shlex.split(line)
     help_text = invoke(args[1], "--help").output
