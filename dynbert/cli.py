@@ -178,14 +178,27 @@ def sweep(overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Co
 @app.command()
 @user_errors
 def report(folder: Path = typer.Argument(None, help="A sweep or any folder of runs (default: the latest sweep)."),
-           format: str = typer.Option("md,csv,png,svg", "--format", help="Comma list of md, csv, png, svg."),
+           format: str = typer.Option(None, "--format", help="Comma list of md, csv, png, svg (default: all).",
+                                      show_default=False),
            out: Path = typer.Option(None, "--out", help="Write here instead of into FOLDER."),
-           outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the latest sweep.")):
-    """Gather runs into tables (terminal, CSV, Markdown) and accuracy-vs-FLOPs curves (PNG, SVG)."""
-    from .report import latest_sweep, write_report
+           outputs: Path = typer.Option(Path("outputs"), "--outputs", help="Where to look for the latest sweep."),
+           table: str = typer.Option(None, "--table", help="Print one Markdown table to stdout and write nothing: "
+                                     "runs (every task's runs), compare (the methods at equal knob value) or best "
+                                     "(each method's largest FLOPs reduction within 1 point of the baseline).")):
+    """Gather runs into tables (terminal, CSV, Markdown) and accuracy-vs-FLOPs curves (PNG, SVG).
 
+    With --table: one Markdown table on stdout, the text README.md's results tables hold.
+    """
+    from .report import FORMATS, check_table, latest_sweep, render_table, write_report
+
+    if table is not None:
+        check_table(table)
+        if format is not None or out is not None:
+            raise DynbertError("--table prints one table to stdout and writes no file: drop --format and --out")
+        typer.echo(render_table(folder or latest_sweep(outputs), table, console=stderr))
+        return
     folder = folder or latest_sweep(outputs)
-    formats = tuple(part.strip() for part in format.split(",") if part.strip())
+    formats = FORMATS if format is None else tuple(part.strip() for part in format.split(",") if part.strip())
     for path in write_report(folder, out=out, formats=formats, console=stderr):
         typer.echo(path)
 

@@ -2,10 +2,13 @@
 
 A run folder is finished when it holds `metrics.json`; folders without one are still training and are
 skipped silently. `dynbert report` calls `write_report`, which writes `report.md`, `results.csv`,
-`tradeoff.png` and `tradeoff.svg` (any subset) and prints one table per task. Runs group by (task,
-method, knob value); each task's panel overlays the methods, one colour each, each with its own
-Pareto front. Files written before dynbert had several methods lack `method` and `knob`: they are
-the paper's gates swept over λ (or the baseline).
+`tradeoff.png` and `tradeoff.svg` (any subset) and prints one table per task; `render_table` gives one
+Markdown table alone (`--table`: runs, compare, best), the text README.md and docs/ embed. Runs group
+by their whole identity: task, method, knob value, and the config keys in which runs of the same task
+and method differ (the variant, e.g. method.score=cls_attention), read from config.yaml beside
+metrics.json. Each task's panel overlays the methods, one colour each, each with its own Pareto
+front. Files written before dynbert had several methods lack `method` and `knob`: they are the
+paper's gates swept over λ (or the baseline). Scores show in points (×100), as GLUE papers give them.
 """
 
 from __future__ import annotations
@@ -13,24 +16,34 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
+from dynbert import rundir
 from dynbert.console import print_table
 from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text, check_writable_folder
-from dynbert.rundir import METRICS_FILE, read_metrics
+from dynbert.rundir import CONFIG_FILE, EXECUTION_KEYS, METRICS_FILE, read_metrics
 
 FORMATS = ("md", "csv", "png", "svg")
+TABLES = ("runs", "compare", "best")
+"""What `--table` prints: every task's table of runs, the methods side by side at equal knob value, and
+each method's largest FLOPs reduction within a point of the baseline."""
 
 FLOPS_NOTE = ("FLOPs are counted analytically per example on its real (unpadded) tokens, after pruning; "
               "the FLOPs ratio is relative to the un-gated model on the same examples (1.0 = no pruning).")
+TRIVIAL = "always the most frequent class"
+"""The row (and column) of the score a model gets by always answering the dev set's most frequent class."""
+WITHIN = 0.01
+"""How far below the baseline's mean score a knob value may be and still count in `--table best`: a point."""
 
 # results.csv puts these first, in this order; the rest follow sorted (metrics.*, kept_per_layer.<i>, extras).
-_CSV_FIRST = ["run_dir", "task", "method", "knob", "knob_value", "metric", "baseline", "lambda", "seed",
+_CSV_FIRST = ["run_dir", "task", "method", "knob", "knob_value", "variant", "metric", "baseline", "lambda", "seed",
               "score", "score_soft",
               "flops_per_example", "baseline_flops_per_example", "flops_ratio", "cue_kept",
               "train_seconds", "version"]
@@ -39,6 +52,7 @@ _SUMMARY_FIELDS = {
     "score": lambda run: run["score"],
     "score_soft": lambda run: run["score_soft"],
     "flops_ratio": lambda run: run["flops_ratio"],
+    "train_flops_ratio": lambda run: _number(run.get("train_flops_ratio")),
     "flops_per_example": lambda run: run["flops_per_example"],
     "kept_last": lambda run: run["kept_per_layer"][-1] if run["kept_per_layer"] else None,
     "cue_kept": lambda run: run.get("cue_kept"),
@@ -48,17 +62,25 @@ METHOD_ORDER = ("gates", "power_bert", "ltp", "topk", "random")
 """Tables and legends list the methods in this order (others follow, alphabetically)."""
 KNOB_OFF = {"lambda": 0.0, "method.keep": 1.0}
 """The knob value at which a method prunes least: Δ in the tables is measured from it."""
-_KNOB_SYMBOLS = {"lambda": "λ", "method.keep": "keep"}
+_KNOB_SYMBOLS = {"lambda": "λ", "method.keep": "keep", "method.target": "target"}
+_NOT_IDENTITY = ("seed", "method.seed", "run_name", "method.knob", "glue_dir", "task.data_dir", *EXECUTION_KEYS)
+"""Config keys that never make two runs different results: the seed (seeds are averaged), names derived
+from other keys, how a run was executed, and data paths, which differ between machines. (λ and the knobs
+depend on the run: `_identity`.)"""
+_LEFT = ("task", "method", "variant", "knob")
+"""Table columns of words, aligned left; the others hold numbers."""
 
 
 # --------------------------------------------------------------------------------------------- loading
 
 def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Every metrics.json at any depth under `folder`: (good runs, each with "run_dir" added; [(bad file, why)])."""
+    """Every metrics.json at any depth under `folder`: (good runs, each with "run_dir", "identity" and
+    "variant" added (`_assign_variants`); [(bad file, why)])."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DynbertError(f"{folder} is not a folder: pass a sweep or run folder that holds metrics.json files.")
     runs, bad = [], []
+    declared: dict[str, set[str] | None] = {}
     for path in sorted(folder.rglob(METRICS_FILE)):
         if not path.is_file():
             continue
@@ -66,7 +88,10 @@ def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if why:
             bad.append((path, why))
             continue
-        runs.append(_with_method_and_knob({**data, "run_dir": path.parent}))
+        run = _with_method_and_knob({**data, "run_dir": path.parent})
+        run["identity"] = _identity(run, declared)
+        runs.append(run)
+    _assign_variants(runs)
     return runs, bad
 
 
@@ -78,6 +103,84 @@ def _with_method_and_knob(run: dict) -> dict:
         run["knob"] = None if run["baseline"] else "lambda"
         run["knob_value"] = None if run["baseline"] else run["lambda"]
     return run
+
+
+def _identity(run: dict, declared: dict[str, set[str] | None]) -> dict[str, str | None] | None:
+    """What makes the run the result it is: its config.yaml's keys, flattened, each with its value as text,
+    less `_NOT_IDENTITY` and the `method.*` keys its method does not declare (an experiment's method.start
+    lands on the baseline too, which never reads it; `declared` caches them by method). None without a
+    readable config.yaml: such a run groups by its knob alone.
+
+    Its own knob (the row's value already) and an unread λ map to None: not this run's to compare, where
+    another run of the method may have them (keep = 0.5 beside a top-k FLOPs target). λ is read beside
+    another knob where the method's grid is λ's: gates held to a FLOPs target still set their bi-modal
+    weight from it.
+    """
+    try:
+        cfg = OmegaConf.load(run["run_dir"] / CONFIG_FILE)
+    except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: the run's metrics still count
+        return None
+    if not isinstance(cfg, DictConfig):
+        return None
+    # Unresolved: `${knob:...}` needs config.py's resolver, and `${model.lr}` is compared as model.lr itself.
+    flat = rundir._flatten(OmegaConf.to_container(cfg, resolve=False))
+    name = str(flat.get("method.name"))
+    if name not in declared:
+        declared[name] = rundir._declared_method_keys(cfg)
+    known = declared[name]
+    reads_lambda = (run["knob"] not in (None, "lambda")
+                    and str(flat.get("method.grid")).partition("=")[0].strip() == "lambda")
+    identity: dict[str, str | None] = {}
+    for key, value in flat.items():
+        skipped = any(key == e or key.startswith(e + ".") for e in _NOT_IDENTITY)
+        undeclared = known is not None and key.startswith("method.") and key.split(".")[1] not in known
+        if not (skipped or undeclared):
+            identity[key] = _value_text(value)
+    identity["lambda"] = _value_text(flat.get("lambda")) if reads_lambda else None
+    if run["knob"] is not None:
+        identity[run["knob"]] = None
+    return identity
+
+
+def _value_text(value) -> str:
+    """A config value as a variant shows it; equal values give equal text (1 and 1.0 are one value)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _assign_variants(runs: list[dict]) -> None:
+    """Set each run's `variant`: ((key, value), ...) for the identity keys in which the runs of its task
+    and method differ, sorted by key, less those not its own to compare (None in its identity); () where
+    none differ, and for a run without config.yaml.
+
+    A key one config lacks counts as null there: a key added to conf/ since is null where it means
+    nothing, and older runs must not split off for it.
+    """
+    families: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        if run["identity"] is not None:
+            families[(run["task"], run["method"])].append(run["identity"])
+    differing = {family: sorted(key for key in set().union(*members)
+                                if len({identity.get(key, "null") for identity in members} - {None}) > 1)
+                 for family, members in families.items()}
+    for run in runs:
+        identity = run["identity"]
+        keys = differing.get((run["task"], run["method"]), []) if identity is not None else []
+        run["variant"] = tuple((key, identity.get(key, "null")) for key in keys
+                               if identity.get(key, "null") is not None)
+
+
+def _number(value) -> float | None:
+    """An optional metrics.json number (trivial_score, train_flops_ratio), or None: metrics_problem checks
+    only the keys every run has, so anything but a finite number counts as absent."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------ summarizing
@@ -92,65 +195,99 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 
 def _group_key(run: dict) -> tuple:
-    """(task, baseline, method, knob, knob value).
+    """(task, baseline, method, variant, knob, knob value).
 
-    A baseline's knob means nothing: all of a task's baseline runs form one group, whatever λ they carry.
+    A baseline's knob means nothing: a task's baseline runs of one variant form one group, whatever λ they carry.
     """
     if run["baseline"]:
-        return (run["task"], True, "none", None, None)
+        return (run["task"], True, "none", run["variant"], None, None)
     value = run["knob_value"]
-    return (run["task"], False, run["method"], run["knob"], None if value is None else float(value))
+    return (run["task"], False, run["method"], run["variant"], run["knob"], None if value is None else float(value))
 
 
 def _method_rank(method: str) -> tuple:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def _knob_rank(knob: str | None) -> tuple:
+    return (list(_KNOB_SYMBOLS).index(knob) if knob in _KNOB_SYMBOLS else len(_KNOB_SYMBOLS), knob or "")
+
+
 def _row_order(row: dict) -> tuple:
-    """Tasks alphabetically; within a task the baseline first, then by method, then knob value ascending."""
+    """Tasks alphabetically; within a task the baseline first, then by method, variant, knob, and knob value
+    ascending."""
     value = row["knob_value"]
-    return (row["task"], not row["baseline"], _method_rank(row["method"]), value if value is not None else -math.inf)
+    return (row["task"], not row["baseline"], _method_rank(row["method"]), row["variant"], _knob_rank(row["knob"]),
+            value if value is not None else -math.inf)
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """One row per (task, method, knob value), averaged over seeds; the baseline is one row per task.
+    """One row per (task, method, variant, knob value), averaged over seeds; the baseline is one row per
+    task (per variant).
 
-    Each row has task, metric, baseline, method, knob (`lambda`, `method.keep`; None for the baseline),
-    knob_value, lambda (the knob value of a λ method, else None), n, seeds, then `<q>_mean` and
-    `<q>_std` for q in score, score_soft, flops_ratio, flops_per_example, kept_last (kept fraction at
-    the last layer), cue_kept and agreement (hard/soft prediction agreement; None where no run has
-    it). std is the sample standard deviation over seeds (n - 1), None for a single run. `delta` is
-    score_mean minus the same task and method's score_mean with the knob off (`KNOB_OFF`: λ = 0,
-    keep = 1), None without such a run; the baseline row is compared with the paper's gates at λ = 0.
-    `delta_baseline` is score_mean minus the task's un-pruned baseline's (None without one): what
-    "within 1 point" is measured by. `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs).
-    `warned` counts the runs whose metrics.json holds warnings (a collapse to one class, pruning that
-    did nothing, rounding that changed the model).
+    Each row has task, metric, baseline, method, variant (as in `load_runs`), identity (its runs' config
+    identity, None without config.yaml), knob (`lambda`, `method.keep`, `method.target`; None for the
+    baseline), knob_value, lambda (the knob value of a λ method, else None), n, seeds, then `<q>_mean`
+    and `<q>_std` for q in score, score_soft, flops_ratio, train_flops_ratio, flops_per_example,
+    kept_last (kept fraction at the last layer), cue_kept and agreement (hard/soft prediction
+    agreement; None where no run has it). std is the sample standard deviation over seeds (n - 1),
+    None for a single run. `delta` is score_mean minus the same task, method and variant's score_mean
+    with the knob off (`KNOB_OFF`: λ = 0, keep = 1), None without such a run; the baseline row is
+    compared with the paper's gates at λ = 0. `delta_baseline` is score_mean minus the task's un-pruned
+    baseline's (None without one): what "within 1 point" is measured by. Where a task has several
+    baseline variants, a row is compared with the one whose variant its config matches (`_matching`).
+    `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs). `trivial_score` is the task's score of
+    always answering the most frequent dev class (the first run of the task, by folder, that holds
+    one; None if none does). `warned` counts the runs whose metrics.json holds warnings (a collapse to
+    one class, pruning that did nothing, rounding that changed the model).
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
         groups[_group_key(run)].append(run)
+    trivial: dict[str, float] = {}
+    for run in sorted(runs, key=lambda run: str(run["run_dir"])):
+        value = _number(run.get("trivial_score"))
+        if value is not None:
+            trivial.setdefault(run["task"], value)
     rows = []
-    for (task, baseline, method, knob, value), members in groups.items():
+    for (task, baseline, method, variant, knob, value), members in groups.items():
         metrics = Counter(run["metric"] for run in members)
         row = {"task": task, "metric": "/".join(sorted(metrics)), "baseline": baseline, "method": method,
+               "variant": variant,
+               "identity": next((run["identity"] for run in members if run["identity"] is not None), None),
                "knob": knob, "knob_value": value, "lambda": value if knob == "lambda" else None,
                "n": len(members), "seeds": sorted(run["seed"] for run in members),
-               "warned": sum(1 for run in members if run.get("warnings"))}
+               "warned": sum(1 for run in members if run.get("warnings")), "trivial_score": trivial.get(task)}
         for name, read in _SUMMARY_FIELDS.items():
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([read(run) for run in members])
         ratio = row["flops_ratio_mean"]
         row["reduction"] = 1.0 / ratio if ratio and ratio > 0 else None
         rows.append(row)
-    reference = {(row["task"], row["method"]): row["score_mean"] for row in rows
-                 if not row["baseline"] and row["knob"] in KNOB_OFF and row["knob_value"] == KNOB_OFF[row["knob"]]}
-    baselines = {row["task"]: row["score_mean"] for row in rows if row["baseline"]}
+    knob_off = [row for row in rows if not row["baseline"] and row["knob"] in KNOB_OFF
+                and row["knob_value"] == KNOB_OFF[row["knob"]]]
+    baselines = [row for row in rows if row["baseline"]]
     for row in rows:
-        ref = reference.get((row["task"], "gates" if row["baseline"] else row["method"]))
-        row["delta"] = row["score_mean"] - ref if ref is not None else None
-        base = baselines.get(row["task"])
-        row["delta_baseline"] = row["score_mean"] - base if base is not None else None
+        method = "gates" if row["baseline"] else row["method"]
+        ref = _matching(row, [r for r in knob_off if r["task"] == row["task"] and r["method"] == method])
+        row["delta"] = row["score_mean"] - ref["score_mean"] if ref is not None else None
+        base = _matching(row, [r for r in baselines if r["task"] == row["task"]])
+        row["delta_baseline"] = row["score_mean"] - base["score_mean"] if base is not None else None
     return sorted(rows, key=_row_order)
+
+
+def _matching(row: dict, candidates: list[dict]) -> dict | None:
+    """The one candidate row (a baseline, a method's knob-off row) whose variant `row`'s config agrees
+    with; None when none or several do. A candidate's `method.*` keys bind only rows of its own method:
+    the baseline's method.mask_attention says nothing about the gates'. A row without config.yaml
+    matches only a candidate without a variant."""
+    def agrees(candidate: dict) -> bool:
+        if row["identity"] is None:
+            return not candidate["variant"]
+        return all(row["identity"].get(key, "null") == value for key, value in candidate["variant"]
+                   if candidate["method"] == row["method"] or not key.startswith("method."))
+
+    found = [candidate for candidate in candidates if agrees(candidate)]
+    return found[0] if len(found) == 1 else None
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -215,10 +352,29 @@ def format_flops(value: float | None) -> str:
     return f"{value:.3g}"
 
 
+def format_variant(variant: tuple) -> str:
+    """A variant as its column shows it: "method.score=cls_attention, train.epochs=3"; "" for none."""
+    return ", ".join(f"{key}={value}" for key, value in variant)
+
+
 def _pm(mean: float | None, std: float | None, fmt: str = "{:.3f}") -> str:
     if mean is None:
         return "—"
     return fmt.format(mean) + (f"±{fmt.format(std)}" if std is not None else "")
+
+
+def _points(mean: float | None, std: float | None = None) -> str:
+    """A score in points, as GLUE papers give it: 0.8515 ± 0.0057 -> "85.15±0.57"."""
+    return _pm(None if mean is None else 100 * mean, None if std is None else 100 * std, "{:.2f}")
+
+
+def _delta_points(delta: float | None) -> str:
+    """A difference of scores in points: -0.0096 -> "-0.96"."""
+    return "—" if delta is None else f"{100 * delta:+.2f}"
+
+
+def _reduction(row: dict) -> str:
+    return "—" if row["reduction"] is None else f"{row['reduction']:.2f}×"
 
 
 def _percent(mean: float | None, std: float | None) -> str:
@@ -227,25 +383,34 @@ def _percent(mean: float | None, std: float | None) -> str:
     return f"{100 * mean:.1f}" + (f"±{100 * std:.1f}" if std is not None else "") + "%"
 
 
+def _series(row: dict) -> str:
+    """A method with its variant, as a column or legend names it: "gates (method.score=cls_attention)"."""
+    return row["method"] + (f" ({format_variant(row['variant'])})" if row["variant"] else "")
+
+
 def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of one task's table (the same for the console and Markdown)."""
+    """Header and cells of one task's table (the same for the console and Markdown): its rows, with the
+    trivial score's row after the baseline's."""
     metric = rows[0]["metric"]
+    with_variant = any(row["variant"] for row in rows)
+    with_train = any(row["train_flops_ratio_mean"] is not None for row in rows)
     with_cue = any(row["cue_kept_mean"] is not None for row in rows)
     with_agreement = any(row["agreement_mean"] is not None for row in rows)
     with_warned = any(row["warned"] for row in rows)
-    header = ["method", "knob", "value", f"{metric} (hard)", "Δ vs baseline", "Δ vs knob off", "FLOPs/example",
-              "FLOPs ratio", "reduction", "kept, last layer"] + (["cue kept"] if with_cue else []) + (
-              ["hard = soft"] if with_agreement else []) + ["runs"] + (["warned"] if with_warned else [])
+    header = (["method"] + (["variant"] if with_variant else []) + ["knob", "value", f"{metric} (hard)",
+              "Δ vs baseline", "Δ vs knob off", "FLOPs/example", "FLOPs ratio"]
+              + (["FLOPs ratio (train)"] if with_train else []) + ["reduction", "kept, last layer"]
+              + (["cue kept"] if with_cue else []) + (["hard = soft"] if with_agreement else []) + ["runs"]
+              + (["warned"] if with_warned else []))
     cells = []
     for row in rows:
-        line = [row["method"], knob_symbol(row["knob"]), format_lambda(row["knob_value"]),
-                _pm(row["score_mean"], row["score_std"]),
-                "—" if row["delta_baseline"] is None or row["baseline"] else f"{row['delta_baseline']:+.3f}",
-                "—" if row["delta"] is None else f"{row['delta']:+.3f}",
-                format_flops(row["flops_per_example_mean"]),
-                _pm(row["flops_ratio_mean"], row["flops_ratio_std"]),
-                "—" if row["reduction"] is None else f"{row['reduction']:.2f}×",
-                _percent(row["kept_last_mean"], row["kept_last_std"])]
+        line = [row["method"]] + ([format_variant(row["variant"])] if with_variant else []) + [
+            knob_symbol(row["knob"]), format_lambda(row["knob_value"]), _points(row["score_mean"], row["score_std"]),
+            "—" if row["baseline"] else _delta_points(row["delta_baseline"]), _delta_points(row["delta"]),
+            format_flops(row["flops_per_example_mean"]), _pm(row["flops_ratio_mean"], row["flops_ratio_std"])]
+        if with_train:
+            line.append(_pm(row["train_flops_ratio_mean"], row["train_flops_ratio_std"]))
+        line += [_reduction(row), _percent(row["kept_last_mean"], row["kept_last_std"])]
         if with_cue:
             line.append(_percent(row["cue_kept_mean"], row["cue_kept_std"]))
         if with_agreement:
@@ -254,6 +419,75 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if with_warned:
             line.append(str(row["warned"]) if row["warned"] else "")
         cells.append(line)
+    # The floor a score must clear to mean anything: no FLOPs, no seeds, no knob of its own.
+    trivial = [TRIVIAL] + [""] * (len(header) - 1)
+    trivial[header.index(f"{metric} (hard)")] = _points(rows[0]["trivial_score"])
+    cells.insert(sum(row["baseline"] for row in rows), trivial)
+    return header, cells
+
+
+def _compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The methods side by side: per task, one line per knob value that at least two of the baseline and
+    the methods (each variant its own) share, so a λ or keep sweep of a single method still shows
+    beside its baseline. A method's cell: score (Δ vs baseline, points) @ dev FLOPs ratio, n seeds."""
+    pruned = [row for row in rows if not row["baseline"]]
+    series = list(dict.fromkeys(_series(row) for row in sorted(pruned, key=lambda row: (
+        _method_rank(row["method"]), row["variant"]))))
+    header = ["task", "knob", *series, "baseline", TRIVIAL]
+    cells = []
+    for task, task_rows in _by_task(rows).items():
+        baselines = [row for row in task_rows if row["baseline"]]
+        lines: dict[tuple, dict[str, dict]] = defaultdict(dict)
+        for row in task_rows:
+            if not row["baseline"]:
+                lines[(_knob_rank(row["knob"]), row["knob_value"], row["knob"])][_series(row)] = row
+        base = "; ".join(f"{_points(row['score_mean'], row['score_std'])} n={row['n']}"
+                         + (f" ({format_variant(row['variant'])})" if row["variant"] else "") for row in baselines)
+        for (_, value, knob), by_series in sorted(lines.items()):
+            if len(by_series) + bool(baselines) < 2:
+                continue
+            cells.append([f"{task} ({task_rows[0]['metric']})", format_knob(knob, value)]
+                         + [_compare_cell(by_series[name]) if name in by_series else "—" for name in series]
+                         + [base or "—", _points(task_rows[0]["trivial_score"])])
+    return header, cells
+
+
+def _compare_cell(row: dict) -> str:
+    delta = "" if row["delta_baseline"] is None else f" ({_delta_points(row['delta_baseline'])})"
+    return f"{_points(row['score_mean'], row['score_std'])}{delta} @{row['flops_ratio_mean']:.3f} n={row['n']}"
+
+
+def _best_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per task, method and variant: the knob value with the largest FLOPs reduction whose mean score is
+    within `WITHIN` (a point) of the baseline's mean; where none is, the closest try, so the line says
+    how far off the method stays."""
+    with_variant = any(row["variant"] for row in rows if not row["baseline"])
+    header = (["task", "method"] + (["variant"] if with_variant else [])
+              + ["knob", "score (hard)", "Δ vs baseline", "FLOPs ratio", "reduction", "seeds"])
+    cells = []
+    for task, task_rows in _by_task(rows).items():
+        methods: dict[tuple, list[dict]] = defaultdict(list)
+        for row in task_rows:
+            if not row["baseline"]:
+                methods[(_method_rank(row["method"]), row["variant"])].append(row)
+        for (_, variant), method_rows in sorted(methods.items()):
+            start = [f"{task} ({task_rows[0]['metric']})", method_rows[0]["method"]] + (
+                [format_variant(variant)] if with_variant else [])
+            compared = [row for row in method_rows if row["delta_baseline"] is not None]
+            if not compared:
+                cells.append(start + ["no baseline run to compare with"] + ["—"] * 5)
+                continue
+            # A hair of tolerance: a score exactly a point below the baseline's differs by 0.01 ± 1e-17.
+            within = [row for row in compared if row["delta_baseline"] >= -WITHIN - 1e-9]
+            if within:
+                row = max(within, key=lambda row: (row["reduction"] or 0.0, row["score_mean"]))
+                knob = format_knob(row["knob"], row["knob_value"])
+            else:
+                row = max(compared, key=lambda row: (row["delta_baseline"], row["reduction"] or 0.0))
+                knob = f"none within 1 point; closest: {format_knob(row['knob'], row['knob_value'])}"
+            cells.append(start + [knob, _points(row["score_mean"], row["score_std"]),
+                                  _delta_points(row["delta_baseline"]),
+                                  _pm(row["flops_ratio_mean"], row["flops_ratio_std"]), _reduction(row), str(row["n"])])
     return header, cells
 
 
@@ -264,23 +498,55 @@ def _by_task(rows: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(tasks.items()))
 
 
-def _markdown(folder: Path, runs: list[dict], bad: list, rows: list[dict], figure: str | None) -> str:
-    def md_line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+def _md_table(header: list[str], cells: list[list[str]]) -> list[str]:
+    def md_line(line):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in line) + " |"
 
+    align = "|" + "|".join(":---" if name in _LEFT else "---:" for name in header) + "|"
+    return [md_line(header), align] + [md_line(line) for line in cells]
+
+
+def _task_tables(rows: list[dict], level: str) -> list[str]:
+    """Every task's table under a `level` heading ("##", "###"): `<task> (<metric>)`."""
+    lines = []
+    for task, task_rows in _by_task(rows).items():
+        lines += [f"{level} {task} ({task_rows[0]['metric']})", "", *_md_table(*_table(task_rows)), ""]
+    return lines
+
+
+def render_table(folder: Path, name: str, console=None) -> str:
+    """One Markdown table of the runs under `folder`, without a trailing newline: `runs` (every task's
+    table, as report.md has them), `compare` (`_compare_table`) or `best` (`_best_table`). What
+    `dynbert report --table` prints, and what the results tables in README.md and docs/ must equal.
+
+    Writes nothing; with a `console`, warns there of skipped files and duplicate runs.
+    """
+    check_table(name)
+    runs, _ = _load_finished(folder, console)
+    rows = summarize(runs)
+    if name == "runs":
+        return "\n".join(_task_tables(rows, "###")).rstrip("\n")
+    return "\n".join(_md_table(*(_compare_table if name == "compare" else _best_table)(rows)))
+
+
+def check_table(name: str) -> None:
+    if name not in TABLES:
+        raise DynbertError(f"Unknown table {name!r}: choose from {', '.join(TABLES)}.")
+
+
+def _markdown(folder: Path, runs: list[dict], bad: list, rows: list[dict], figure: str | None) -> str:
     lines = ["# dynbert report", "",
              f"{len(runs)} finished runs from `{folder}`" + (f"; {len(bad)} unreadable metrics.json skipped." if bad else "."),
              "", FLOPS_NOTE,
-             "Scores are in hard mode (pruned tokens physically removed); ± is the sample standard deviation "
-             "over seeds; Δ vs baseline is the difference to the task's un-pruned baseline; Δ vs knob off, to "
-             "the same task and method's run with its knob off (λ = 0, keep = 1; the baseline row: the gates "
-             "at λ = 0); hard = soft is the fraction of identical predictions with and without rounding.", ""]
-    for task, task_rows in _by_task(rows).items():
-        header, cells = _table(task_rows)
-        lines += [f"## {task} ({task_rows[0]['metric']})", "", md_line(header),
-                  "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-        lines += [md_line(line) for line in cells]
-        lines.append("")
+             "Scores are in hard mode (pruned tokens physically removed) and in points (×100), as GLUE papers "
+             "give them; ± is the sample standard deviation over seeds; Δ vs baseline is the difference, in "
+             "points, to the task's un-pruned baseline; Δ vs knob off, to the same task and method's run with "
+             "its knob off (λ = 0, keep = 1; the baseline row: the gates at λ = 0); the variant names the "
+             "config keys in which runs of one method differ besides the knob and the seed; "
+             f"'{TRIVIAL}' is the score of answering the dev set's most frequent class every time; FLOPs ratio "
+             "(train) is the same ratio on the first 1,000 training examples, where a FLOPs target was held; "
+             "hard = soft is the fraction of identical predictions with and without rounding.", ""]
+    lines += _task_tables(rows, "##")
     if figure:
         lines += [f"![Score against relative FLOPs]({figure})", ""]
     warned = _run_warnings(folder, runs)
@@ -323,16 +589,21 @@ def _natural(key: str) -> list:
 
 
 def _csv(folder: Path, runs: list[dict]) -> str:
+    """One line per run: every metrics.json key flattened, and its variant where some run has one."""
+    with_variant = any(run["variant"] for run in runs)
     flat_runs = []
     def order(run: dict) -> tuple:
-        task, baseline, method, _, value = _group_key(run)
-        row = {"task": task, "baseline": baseline, "method": method, "knob_value": value}
+        task, baseline, method, variant, knob, value = _group_key(run)
+        row = {"task": task, "baseline": baseline, "method": method, "variant": variant, "knob": knob,
+               "knob_value": value}
         return (*_row_order(row), run["seed"], str(run["run_dir"]))
 
     for run in sorted(runs, key=order):
         flat: dict = {}
-        _flatten({k: v for k, v in run.items() if k != "run_dir"}, "", flat)
+        _flatten({k: v for k, v in run.items() if k not in ("run_dir", "identity", "variant")}, "", flat)
         flat["run_dir"] = _relative(run["run_dir"], folder)
+        if with_variant:
+            flat["variant"] = format_variant(run["variant"])
         flat_runs.append(flat)
     present = set().union(*flat_runs) if flat_runs else set()
     columns = [c for c in _CSV_FIRST if c in present] + sorted(present - set(_CSV_FIRST), key=_natural)
@@ -403,14 +674,14 @@ def _place_labels(ax, renderer, items: list[tuple[float, float, str]], obstacles
 
 
 def _y_label(metric: str) -> str:
-    unit = "correlation" if any(word in metric.lower() for word in ("corr", "pearson", "spearman", "matthews", "mcc")) \
-        else "fraction"
-    return f"{metric}, hard mode ({unit})"
+    return f"{metric}, hard mode (points: ×100)"
 
 
 _METHOD_COLORS = {"gates": "tab:blue", "power_bert": "tab:orange", "ltp": "tab:green", "topk": "tab:purple",
                   "random": "tab:gray"}
 _OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_VARIANT_MARKERS = ("o", "s", "^", "D", "v", "P")
+"""A method's variants share its colour and differ in marker, in the order the rows list them."""
 
 
 def _method_color(method: str) -> str:
@@ -421,8 +692,8 @@ def _method_color(method: str) -> str:
 
 
 def plot_tradeoff(rows: list[dict]):
-    """One panel per task: score (hard mode) against relative FLOPs, one colour per method with its own
-    Pareto front, knob labels (λ=0.1, keep=0.5), the baseline star.
+    """One panel per task: score (hard mode, in points) against relative FLOPs, one colour per method (a
+    marker per variant), each with its own Pareto front, knob labels (λ=0.1, keep=0.5), the baseline star.
 
     Returns a matplotlib Figure drawn on the Agg canvas (no pyplot, no global backend change).
     """
@@ -442,30 +713,40 @@ def plot_tradeoff(rows: list[dict]):
 
     panels = []
     for ax, (task, task_rows) in zip(axes, tasks.items()):
-        drawable = [r for r in task_rows if r["score_mean"] is not None and r["flops_ratio_mean"] is not None
+        # In points, as the tables show them.
+        drawable = [{**r, "score_mean": 100 * r["score_mean"],
+                     "score_std": None if r["score_std"] is None else 100 * r["score_std"]}
+                    for r in task_rows if r["score_mean"] is not None and r["flops_ratio_mean"] is not None
                     and math.isfinite(r["score_mean"]) and math.isfinite(r["flops_ratio_mean"])]
         pruned = [r for r in drawable if not r["baseline"]]
         base = [r for r in drawable if r["baseline"]]
         methods: dict[str, list[dict]] = defaultdict(list)
-        for r in pruned:  # rows come sorted: methods in METHOD_ORDER, knob values ascending
-            methods[r["method"]].append(r)
+        for r in pruned:  # rows come sorted: methods in METHOD_ORDER, then variants, knob values ascending
+            methods[_series(r)].append(r)
+        variants = defaultdict(list)
+        for method_rows in methods.values():
+            variants[method_rows[0]["method"]].append(method_rows[0]["variant"])
         ax.axvline(1.0, color="0.8", lw=0.8, zorder=0)
         for r in base:
             ax.axhline(r["score_mean"], color="tab:red", lw=0.8, ls=":", alpha=0.7, zorder=0)
         handles = []
-        for method, method_rows in methods.items():
+        for series, method_rows in methods.items():
+            method, variant = method_rows[0]["method"], method_rows[0]["variant"]
             color = _method_color(method)
+            marker = _VARIANT_MARKERS[variants[method].index(variant) % len(_VARIANT_MARKERS)]
+            # Gates swept over λ and held to FLOPs targets in one folder: both knobs label its points.
+            knobs = ", ".join(dict.fromkeys(knob_symbol(r["knob"]) for r in method_rows))
             mx = [r["flops_ratio_mean"] for r in method_rows]
             my = [r["score_mean"] for r in method_rows]
             front = pareto_front(list(zip(mx, my)))
             ax.step([mx[i] for i in front], [my[i] for i in front], where="post", color=color, lw=1.2,
-                    ls="--", alpha=0.8, label=f"Pareto front ({method})", zorder=1)
+                    ls="--", alpha=0.8, label=f"Pareto front ({series})", zorder=1)
             for r, x, y in zip(method_rows, mx, my):
                 if r["score_std"] is not None or r["flops_ratio_std"] is not None:
                     ax.errorbar(x, y, xerr=r["flops_ratio_std"], yerr=r["score_std"], fmt="none",
                                 ecolor=color, elinewidth=0.8, capsize=2, alpha=0.7, zorder=2)
-            handles.append(ax.scatter(mx, my, s=28, color=color, edgecolor="white", linewidth=0.5, zorder=3,
-                                      label=f"{method} (label: {knob_symbol(method_rows[0]['knob'])})"))
+            handles.append(ax.scatter(mx, my, s=28, color=color, marker=marker, edgecolor="white", linewidth=0.5,
+                                      zorder=3, label=f"{series} (label: {knobs})"))
         if methods:
             handles.append(Line2D([], [], color="0.4", lw=1.2, ls="--",
                                   label="Pareto front" if len(methods) == 1 else "each method's Pareto front"))
@@ -474,7 +755,8 @@ def plot_tradeoff(rows: list[dict]):
                 ax.errorbar(r["flops_ratio_mean"], r["score_mean"], xerr=r["flops_ratio_std"], yerr=r["score_std"],
                             fmt="none", ecolor="tab:red", elinewidth=0.8, capsize=2, zorder=2)
             handles.append(ax.scatter([r["flops_ratio_mean"]], [r["score_mean"]], marker="*", s=160, color="tab:red",
-                                      edgecolor="black", linewidth=0.5, zorder=4, label="un-gated baseline"))
+                                      edgecolor="black", linewidth=0.5, zorder=4, label="un-gated baseline"
+                                      + (f" ({format_variant(r['variant'])})" if r["variant"] else "")))
         xs = [r["flops_ratio_mean"] for r in pruned]
         ys = [r["score_mean"] for r in pruned]
         all_x = xs + [r["flops_ratio_mean"] for r in base]
@@ -531,6 +813,8 @@ def _check_formats(formats) -> list[str]:
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown:
         raise DynbertError(f"Unknown report format {', '.join(map(repr, unknown))}: choose from {', '.join(FORMATS)}.")
+    if not wanted:  # a report of nothing would exit 0 having written nothing
+        raise DynbertError(f"No report format given: pass one or more of {', '.join(FORMATS)}, e.g. --format md,csv.")
     return wanted
 
 
@@ -539,13 +823,42 @@ def _print_tables(console, rows: list[dict]) -> None:
 
     for task, task_rows in _by_task(rows).items():
         header, cells = _table(task_rows)
-        table = Table(title=f"{task}: {task_rows[0]['metric']} (hard mode)", title_justify="left")
-        for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i < 2 else "right")
+        table = Table(title=f"{task}: {task_rows[0]['metric']} (hard mode, points)", title_justify="left")
+        for name in header:
+            table.add_column(name, justify="left" if name in _LEFT else "right")
         for line in cells:
             table.add_row(*line)
         print_table(console, table)
     console.print(FLOPS_NOTE, style="dim", markup=False, highlight=False)
+
+
+def _load_finished(folder: Path, console) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """`load_runs`, or one sentence when no run under `folder` can be reported; with a `console`, a warning
+    there per unreadable metrics.json and per run that repeats another's identity and seed (both are
+    averaged into one row: most likely a run copied in twice)."""
+    from rich.markup import escape
+
+    folder = Path(folder)
+    runs, bad = load_runs(folder)
+    if not runs:
+        if bad:
+            listed = "; ".join(f"{path} ({why})" for path, why in bad)
+            raise DynbertError(f"No usable run under {folder}: every metrics.json is bad: {listed}.")
+        raise DynbertError(f"No finished run under {folder}: no metrics.json found (unfinished runs have none).")
+    if console is None:
+        return runs, bad
+    for path, why in bad:
+        console.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(why)}", highlight=False, soft_wrap=True)
+    seen: dict[tuple, list[Path]] = defaultdict(list)
+    for run in runs:
+        seen[(*_group_key(run), run["seed"])].append(run["run_dir"])
+    for (task, _, method, variant, knob, value, seed), dirs in seen.items():
+        if len(dirs) > 1:
+            same = f", {format_variant(variant)}" if variant else ""
+            console.print(f"[yellow]warning:[/] {len(dirs)} runs share task {escape(task)}, method {escape(method)}"
+                          f"{escape(same)}, {escape(format_knob(knob, value))}, seed {seed}; all are averaged: "
+                          + escape(", ".join(map(str, dirs))), highlight=False)
+    return runs, bad
 
 
 def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...] = FORMATS,
@@ -562,23 +875,7 @@ def write_report(folder: Path, out: Path | None = None, formats: tuple[str, ...]
     folder = Path(folder)
     out = Path(out) if out is not None else folder
     check_writable_folder(out, "--out")
-    runs, bad = load_runs(folder)
-    for path, why in bad:
-        console.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(why)}", highlight=False, soft_wrap=True)
-    if not runs:
-        if bad:
-            listed = "; ".join(f"{path} ({why})" for path, why in bad)
-            raise DynbertError(f"No usable run under {folder}: every metrics.json is bad: {listed}.")
-        raise DynbertError(f"No finished run under {folder}: no metrics.json found (unfinished runs have none).")
-    seen: dict[tuple, list[Path]] = defaultdict(list)
-    for run in runs:
-        seen[(*_group_key(run), run["seed"])].append(run["run_dir"])
-    for (task, _, method, knob, value, seed), dirs in seen.items():
-        if len(dirs) > 1:
-            console.print(f"[yellow]warning:[/] {len(dirs)} runs share task {escape(task)}, method {escape(method)}, "
-                          f"{escape(format_knob(knob, value))}, seed {seed}; all are averaged: "
-                          + escape(", ".join(map(str, dirs))), highlight=False)
-
+    runs, bad = _load_finished(folder, console)
     rows = summarize(runs)
     _print_tables(console, rows)
     for run_dir, warning in _run_warnings(folder, runs):

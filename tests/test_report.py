@@ -16,7 +16,9 @@ import pytest
 from rich.console import Console
 
 from dynbert.errors import DynbertError
-from dynbert.report import latest_sweep, load_runs, pareto_front, plot_tradeoff, summarize, write_report
+from dynbert.report import (latest_sweep, load_runs, pareto_front, plot_tradeoff, render_table, summarize,
+                            write_report)
+from helpers import invoke
 
 
 def write_run(root: Path, rel: str, **fields) -> Path:
@@ -24,7 +26,7 @@ def write_run(root: Path, rel: str, **fields) -> Path:
     score = fields.get("score", 0.9)
     metrics = {
         "task": "sst2", "lambda": 0.0, "seed": 0, "baseline": False, "metric": "accuracy",
-        "score": score, "score_soft": score + 0.01, "metrics": {"accuracy": score, "loss": 0.25},
+        "score": score, "score_soft": score - 0.01, "metrics": {"accuracy": score, "loss": 0.25},
         "flops_per_example": 2.0e9, "baseline_flops_per_example": 2.0e9, "flops_ratio": 1.0,
         "kept_per_layer": [1.0, 1.0, 1.0], "train_seconds": 3.5, "version": "0.1.0",
     }
@@ -148,8 +150,10 @@ def test_write_report_files(tmp_path):
     assert syn["kept_per_layer.2"] == "" and float(syn["cue_kept"]) == pytest.approx(0.8)
 
     md = (out / "report.md").read_text()
-    for text in ["## sst2", "## synthetic", "| baseline |", "| 0 |", "| 0.1 |", "| 0.2 |", "0.920±0.020",
-                 "-0.050", "-0.070", "2.50×", "real", "un-gated", "cue kept", "hard = soft", "99.0±1.4%"]:
+    # Scores and their differences in points (×100); FLOPs ratios stay ratios.
+    for text in ["## sst2", "## synthetic", "| baseline |", "| 0 |", "| 0.1 |", "| 0.2 |", "| 92.00±2.00 |",
+                 "| -5.00 |", "| -7.00 |", "| 0.400±0.141 |", "2.50×", "real", "un-gated", "cue kept", "hard = soft",
+                 "99.0±1.4%", "points (×100)"]:
         assert text in md, text
 
     png = (out / "tradeoff.png").read_bytes()
@@ -241,6 +245,12 @@ def test_wrong_types_are_bad(tmp_path):
     ({"flops_ratio": math.inf}, "holds Infinity"),
     ({"lambda": -1.0}, "'lambda' is -1.0, expected a number >= 0"),
     ({"kept_per_layer": [1.0, 1.5]}, "fractions in [0, 1]"),
+    # Finite, but no metric: two seeds of 1e308 were averaged into "±inf".
+    ({"score": 1e308}, "'score' is 1e+308, expected a metric in [-1, 1]"),
+    ({"score_soft": -2.0}, "'score_soft' is -2.0, expected a metric in [-1, 1]"),
+    ({"flops_ratio": 1.5}, "'flops_ratio' is 1.5, expected at most 1"),
+    ({"flops_per_example": 1e300, "baseline_flops_per_example": 1e300}, "expected a FLOPs count below 1e+18"),
+    ({"hard_soft_agreement": 5}, "'hard_soft_agreement' is 5, expected a fraction in [0, 1] or null"),
 ])
 def test_values_no_healthy_run_writes_are_named_and_skipped(tmp_path, fields, why):
     """Such a file would show as nan±nan or 0.00× in the table: it is corrupt, not a result."""
@@ -253,6 +263,16 @@ def test_values_no_healthy_run_writes_are_named_and_skipped(tmp_path, fields, wh
     assert len(bad) == 1 and bad[0][0] == bad_file and why in bad[0][1]
     assert str(bad_file) in console.file.getvalue()
     assert "nan" not in (tmp_path / "out" / "results.csv").read_text().lower()
+
+
+def test_a_report_of_no_format_or_into_a_file_name_is_refused_before_writing(tmp_path):
+    """--format '' wrote nothing and exited 0; --out new.md made a folder named new.md."""
+    make_sweep(tmp_path)
+    with pytest.raises(DynbertError, match="No report format given: pass one or more of md, csv, png, svg"):
+        write_report(tmp_path, out=tmp_path / "out", formats=(), console=quiet())
+    with pytest.raises(DynbertError, match=r"--out .*new.md names a file \(.md\), but --out is the folder to write into"):
+        write_report(tmp_path, out=tmp_path / "new.md", formats=("md",), console=quiet())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "new.md").exists()
 
 
 def test_no_runs(tmp_path):
@@ -306,13 +326,14 @@ def test_figure_labels_do_not_collide(tmp_path):
 
     # Panel furniture: axis range, units, title with task and metric, error bars only where seeds > 1.
     assert ax_t.get_xlim()[0] == 0.0 and ax_t.get_xlim()[1] >= 1.05
-    assert "FLOPs" in ax_t.get_xlabel() and "accuracy" in ax_t.get_ylabel()
+    assert "FLOPs" in ax_t.get_xlabel() and "accuracy" in ax_t.get_ylabel() and "points" in ax_t.get_ylabel()
     assert "t" in ax_t.get_title() and "accuracy" in ax_t.get_title() and "pearson" in ax_u.get_title()
     assert len(ax_t.containers) == 5 and len(ax_u.containers) == 0
     assert "un-gated baseline" in [t.get_text() for t in ax_t.get_legend().get_texts()]
     # The front skips the dominated λ=0.03 (more FLOPs and a lower score than λ=0.01).
     (front,) = [line for line in ax_t.get_lines() if line.get_label().startswith("Pareto")]
     assert list(front.get_xdata()) == pytest.approx([0.3005, 0.9505, 0.9525])
+    assert list(front.get_ydata()) == pytest.approx([70.1, 90.1, 90.2])  # points, as the tables give them
 
 
 def test_methods_side_by_side_each_with_its_own_rows_front_and_colour(tmp_path):
@@ -371,3 +392,250 @@ def test_a_table_printed_to_a_log_is_whole_not_cut_to_80_columns(tmp_path):
     write_report(tmp_path, formats=("md",), console=console)
     printed = console.file.getvalue()
     assert "Δ vs baseline" in printed and "hard = soft" in printed and "…" not in printed
+
+
+# ----------------------------------------------------------------------------- identity, points, --table
+
+def write_config(folder: Path, method: str = "gates", seed: int = 0, lam: float = 0.0, **keys) -> Path:
+    """config.yaml beside a run's metrics.json, shaped as `dynbert train` writes it: `keys` are dotted
+    overrides (method.score=..., train.epochs=...) of a plain gates run."""
+    from omegaconf import OmegaConf
+
+    grid = {"gates": "lambda=0,0.1", "ltp": "lambda=0,0.1", "topk": "method.keep=0.5,1", "none": None}[method]
+    cfg = OmegaConf.create({
+        "model": {"name": "minilm", "lr": 5e-5}, "task": {"name": "sst2", "max_length": 64, "data_dir": None},
+        "method": {"name": method, "knob": "lambda${lambda}", "grid": grid, "score": "attention_received",
+                   "start": 0.3},
+        "train": {"epochs": 8, "lr": "${model.lr}", "num_threads": 1, "device": "auto", "overwrite": False},
+        "sweep": {"name": "study", "params": {"seed": "0,1"}}, "glue_dir": "../shared/data/glue",
+        "lambda": lam, "seed": seed, "run_name": "${method.name}-${method.knob}-seed${seed}",
+        "output_dir": f"outputs/sweeps/study/{folder.name}"})
+    for key, value in keys.items():
+        OmegaConf.update(cfg, key.replace("__", "."), value, force_add=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    return folder
+
+
+def test_runs_that_differ_in_a_config_key_are_separate_rows_with_their_variant(tmp_path):
+    """`dynbert sweep method.score=attention_received,cls_attention` averaged both scores into one row."""
+    for seed in (0, 1):
+        for score_name, score in (("attention_received", 0.90), ("cls_attention", 0.80)):
+            folder = write_run(tmp_path, f"sst2/gates-{score_name}-lambda0.1-seed{seed}", seed=seed, score=score + seed / 100,
+                               flops_ratio=0.5, **{"lambda": 0.1})
+            # Seeds, folders, threads, machines' data paths and the sweep's own keys are not identity.
+            write_config(folder, seed=seed, lam=0.1, method__score=score_name, output_dir=str(folder),
+                         train__num_threads=seed + 1, glue_dir=f"/data{seed}", task__data_dir=f"/d{seed}",
+                         sweep__params__seed=str(seed))
+        # The baseline's method.start comes from the experiment; method=none never reads it.
+        base = write_run(tmp_path, f"sst2/none-lambda0-seed{seed}", seed=seed, baseline=True, method="none", knob=None,
+                         knob_value=None, score=0.92)
+        write_config(base, method="none", seed=seed, method__start=0.3 + seed / 10)
+    # A top-k run's λ is not read: two values of it are one result.
+    for seed, lam in ((0, 0.1), (1, 0.3)):
+        topk = write_run(tmp_path, f"sst2/topk-keep0.5-seed{seed}", seed=seed, method="topk", knob="method.keep",
+                         knob_value=0.5, score=0.85, flops_ratio=0.6, **{"lambda": lam})
+        write_config(topk, method="topk", seed=seed, lam=lam, method__keep=0.5)
+    rows = summarize(load_runs(tmp_path)[0])
+    assert [(r["method"], r["variant"], r["n"]) for r in rows] == [
+        ("none", (), 2),
+        ("gates", (("method.score", "attention_received"),), 2),
+        ("gates", (("method.score", "cls_attention"),), 2),
+        ("topk", (), 2)]
+    assert [round(r["score_mean"], 3) for r in rows] == [0.92, 0.905, 0.805, 0.85]
+    assert rows[2]["delta_baseline"] == pytest.approx(0.805 - 0.92)  # the one baseline, for every variant
+
+    console = quiet()
+    write_report(tmp_path, formats=("md", "csv"), console=console)
+    assert "warning" not in console.file.getvalue(), "distinct runs are no duplicates"
+    md = (tmp_path / "report.md").read_text()
+    assert "| method | variant | knob | value |" in md
+    assert "| gates | method.score=cls_attention | λ | 0.1 | 80.50±0.71 |" in md
+    assert "| topk |  | keep | 0.5 | 85.00±0.00 |" in md
+    with open(tmp_path / "results.csv", newline="") as handle:
+        variants = {row["run_dir"]: row["variant"] for row in csv.DictReader(handle)}
+    assert variants["sst2/gates-cls_attention-lambda0.1-seed1"] == "method.score=cls_attention"
+    assert variants["sst2/none-lambda0-seed0"] == ""
+    # The figure: a variant has its own points and front, in its method's colour with a marker of its own.
+    (ax,) = [ax for ax in plot_tradeoff(rows).axes if ax.get_visible()]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[:3] == ["gates (method.score=attention_received) (label: λ)",
+                          "gates (method.score=cls_attention) (label: λ)", "topk (label: keep)"]
+    gates = [c for c in ax.collections if c.get_label().startswith("gates")]
+    assert len({tuple(c.get_facecolor()[0]) for c in gates}) == 1 and len({c.get_paths()[0].vertices.tobytes() for c in gates}) == 2
+
+
+def test_only_a_true_duplicate_warns_and_a_run_without_config_groups_by_its_knob(tmp_path):
+    first = write_run(tmp_path, "a/gates-lambda0.1-seed0", score=0.9, **{"lambda": 0.1})
+    again = write_run(tmp_path, "b/gates-lambda0.1-seed0", score=0.8, **{"lambda": 0.1})
+    for folder in (first, again):
+        write_config(folder, lam=0.1, output_dir=str(folder))
+    older = write_run(tmp_path, "c/gates-lambda0.1-seed1", seed=1, score=0.7, **{"lambda": 0.1})  # no config.yaml
+    write_config(write_run(tmp_path, "d/gates-lambda0.1-seed0", score=0.6, **{"lambda": 0.1}), lam=0.1,
+                 train__epochs=3)
+    runs, _ = load_runs(tmp_path)
+    assert [run["variant"] for run in runs] == [(("train.epochs", "8"),), (("train.epochs", "8"),), (),
+                                                (("train.epochs", "3"),)]
+    assert [(r["variant"], r["n"]) for r in summarize(runs)] == [
+        ((), 1), ((("train.epochs", "3"),), 1), ((("train.epochs", "8"),), 2)]
+    console = quiet()
+    write_report(tmp_path, formats=("csv",), console=console)
+    warnings = [line for line in console.file.getvalue().splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "2 runs share task sst2, method gates, train.epochs=8, λ=0.1, seed 0" in warnings[0]
+    assert str(older) not in warnings[0]
+
+
+def make_target_study(root: Path) -> None:
+    """sst2: a baseline (two seeds, one of which knows the trivial score), gates and LTP held to FLOPs
+    targets (gates within a point of the baseline at two, LTP at none), top-k at keep 0.5; stsb: gates
+    alone, no baseline."""
+    def run(rel, seed, score, **fields):
+        method = fields.get("method", "none")
+        fields.setdefault("flops_ratio", 1.0)
+        folder = write_run(root, rel, seed=seed, score=score, flops_per_example=fields["flops_ratio"] * 1e8,
+                           baseline_flops_per_example=1e8, **fields)
+        write_config(folder, method=method, seed=seed, lam=0.1, output_dir=str(folder),
+                     **({"method.target": fields["knob_value"]} if fields.get("knob") == "method.target" else {}))
+
+    base = dict(baseline=True, method="none", knob=None, knob_value=None)
+    run("sst2/none-lambda0-seed0", 0, 0.90, trivial_score=0.5092, **base)
+    run("sst2/none-lambda0-seed1", 1, 0.92, **base)  # older: written before trivial_score
+
+    def target(method, value, **fields):
+        return dict(method=method, knob="method.target", knob_value=value, target=value, multiplier=0.3, **fields)
+
+    # 90.00, exactly a point below 91.00 (in floats, 0.010000000000000009): still "within 1 point".
+    run("sst2/gates-target0.5-seed0", 0, 0.905, flops_ratio=0.52, train_flops_ratio=0.5, **target("gates", 0.5))
+    run("sst2/gates-target0.5-seed1", 1, 0.895, flops_ratio=0.50, train_flops_ratio=0.5, **target("gates", 0.5))
+    run("sst2/gates-target0.33-seed0", 0, 0.88, flops_ratio=0.35, train_flops_ratio=0.33, **target("gates", 0.33))
+    run("sst2/gates-target0.7-seed0", 0, 0.915, flops_ratio=0.7, train_flops_ratio=0.7, **target("gates", 0.7))
+    run("sst2/ltp-target0.5-seed0", 0, 0.85, flops_ratio=0.55, train_flops_ratio=0.49, **target("ltp", 0.5))
+    run("sst2/ltp-target0.33-seed0", 0, 0.80, flops_ratio=0.4, train_flops_ratio=0.33, **target("ltp", 0.33))
+    run("sst2/topk-keep0.5-seed0", 0, 0.87, method="topk", knob="method.keep", knob_value=0.5, flops_ratio=0.6)
+    run("stsb/gates-target0.5-seed0", 0, 0.8812, task="stsb", metric="spearmanr", trivial_score=0.0,
+        flops_ratio=0.5, **target("gates", 0.5))
+
+
+def test_table_runs_is_report_md_without_its_prose_in_points_with_the_trivial_row_and_train_flops(tmp_path):
+    make_target_study(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    text = render_table(tmp_path, "runs")
+    assert sorted(tmp_path.rglob("*")) == before, "--table writes nothing"
+    sst2 = text.split("### stsb")[0]
+    assert text.startswith("### sst2 (accuracy)\n\n| method | knob | value | accuracy (hard) | Δ vs baseline | "
+                           "Δ vs knob off | FLOPs/example | FLOPs ratio | FLOPs ratio (train) | reduction |")
+    lines = sst2.splitlines()
+    # Right after the baseline: the trivial score (from the one run that knows it), no FLOPs, no seeds.
+    assert lines[4].startswith("| none | — | baseline | 91.00±1.41 | — | — |")
+    assert lines[5] == "| always the most frequent class |  |  | 50.92 |" + "  |" * 8
+    assert lines[6].startswith("| gates | target | 0.33 | 88.00 | -3.00 | — | 35 M | 0.350 | 0.330 | 2.86× |")
+    assert lines[7].startswith("| gates | target | 0.5 | 90.00±0.71 | -1.00 | — | 51 M | 0.510±0.014 | 0.500±0.000 |")
+    assert "### stsb (spearmanr)" in text and "| gates | target | 0.5 | 88.12 |" in text
+    assert "| always the most frequent class |  |  | 0.00 |" in text.split("### stsb")[1]
+    assert not text.endswith("\n")
+    # report.md holds the same tables, one heading level up, with its prose around them.
+    write_report(tmp_path, formats=("md",), console=quiet())
+    assert text.replace("### ", "## ") in (tmp_path / "report.md").read_text()
+
+
+def test_without_train_flops_or_trivial_scores_the_column_is_absent_and_the_trivial_score_a_dash(tmp_path):
+    make_sweep(tmp_path)
+    text = render_table(tmp_path, "runs")
+    assert "FLOPs ratio (train)" not in text and "variant" not in text
+    assert "| always the most frequent class |  |  | — |" in text
+
+
+def test_table_compare_puts_methods_side_by_side_at_equal_knob_value(tmp_path):
+    make_target_study(tmp_path)
+    assert render_table(tmp_path, "compare") == "\n".join([
+        "| task | knob | gates | ltp | topk | baseline | always the most frequent class |",
+        "|:---|:---|---:|---:|---:|---:|---:|",
+        "| sst2 (accuracy) | keep=0.5 | — | — | 87.00 (-4.00) @0.600 n=1 | 91.00±1.41 n=2 | 50.92 |",
+        "| sst2 (accuracy) | target=0.33 | 88.00 (-3.00) @0.350 n=1 | 80.00 (-11.00) @0.400 n=1 | — "
+        "| 91.00±1.41 n=2 | 50.92 |",
+        "| sst2 (accuracy) | target=0.5 | 90.00±0.71 (-1.00) @0.510 n=2 | 85.00 (-6.00) @0.550 n=1 | — "
+        "| 91.00±1.41 n=2 | 50.92 |",
+        "| sst2 (accuracy) | target=0.7 | 91.50 (+0.50) @0.700 n=1 | — | — | 91.00±1.41 n=2 | 50.92 |",
+        # stsb: one method, no baseline: nothing to compare.
+    ])
+
+
+def test_table_best_takes_the_largest_reduction_within_a_point_or_says_none_is(tmp_path):
+    make_target_study(tmp_path)
+    assert render_table(tmp_path, "best") == "\n".join([
+        "| task | method | knob | score (hard) | Δ vs baseline | FLOPs ratio | reduction | seeds |",
+        "|:---|:---|:---|---:|---:|---:|---:|---:|",
+        "| sst2 (accuracy) | gates | target=0.5 | 90.00±0.71 | -1.00 | 0.510±0.014 | 1.96× | 2 |",
+        "| sst2 (accuracy) | ltp | none within 1 point; closest: target=0.5 | 85.00 | -6.00 | 0.550 | 1.82× | 1 |",
+        "| sst2 (accuracy) | topk | none within 1 point; closest: keep=0.5 | 87.00 | -4.00 | 0.600 | 1.67× | 1 |",
+        "| stsb (spearmanr) | gates | no baseline run to compare with | — | — | — | — | — |",
+    ])
+
+
+def test_report_table_on_the_command_line_prints_one_block_and_refuses_mistakes_first(tmp_path):
+    make_target_study(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    result = invoke("report", tmp_path, "--table", "best")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == render_table(tmp_path, "best") + "\n"
+    assert sorted(tmp_path.rglob("*")) == before
+    for args, message in [(["--table", "pareto"], "Unknown table 'pareto': choose from runs, compare, best."),
+                          (["--table", "runs", "--out", tmp_path / "out"], "drop --format and --out")]:
+        result = invoke("report", tmp_path, *args)
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = invoke("report", empty, "--table", "runs")
+    assert result.exit_code == 2 and "No finished run under" in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.md"))
+
+
+def test_each_variant_is_compared_with_the_baseline_and_knob_off_run_of_its_own_config(tmp_path):
+    """Three epochs against eight: a pruned run is measured from the baseline trained as long as it was."""
+    for epochs, base, off, pruned in ((3, 0.80, 0.79, 0.78), (8, 0.90, 0.895, 0.89)):
+        folder = write_run(tmp_path, f"e{epochs}/none", baseline=True, method="none", knob=None, knob_value=None,
+                           score=base)
+        write_config(folder, method="none", train__epochs=epochs)
+        for lam, score in ((0.0, off), (0.1, pruned)):
+            write_config(write_run(tmp_path, f"e{epochs}/gates-{lam}", score=score, **{"lambda": lam}), lam=lam,
+                         train__epochs=epochs)
+    rows = summarize(load_runs(tmp_path)[0])
+    deltas = {(r["method"], r["variant"][0][1], r["knob_value"]): (r["delta_baseline"], r["delta"]) for r in rows}
+    assert deltas[("gates", "3", 0.1)] == pytest.approx((0.78 - 0.80, 0.78 - 0.79))
+    assert deltas[("gates", "8", 0.1)] == pytest.approx((0.89 - 0.90, 0.89 - 0.895))
+    assert deltas[("none", "8", None)] == pytest.approx((0.0, 0.90 - 0.895))  # the baseline, from the gates at λ = 0
+
+
+def test_a_knob_is_compared_only_between_runs_it_is_not_the_knob_of(tmp_path):
+    """A λ sweep beside a FLOPs-target sweep of the same method: λ is the knob of the one, and still the
+    bi-modal weight of the gates held to a target; top-k's keep is its knob, or fixed beside a target."""
+    def run(rel, lam, method="gates", **fields):
+        keys = {"method.target": fields["knob_value"]} if fields.get("knob") == "method.target" else {}
+        if method == "topk":
+            keys["method.keep"] = 0.5
+        write_config(write_run(tmp_path, rel, method=method, **fields, **{"lambda": lam}), method=method, lam=lam,
+                     **keys)
+
+    run("gates-lambda0.1", 0.1)
+    run("gates-lambda0.3", 0.3)
+    for lam in (0.1, 0.3):
+        run(f"gates-target0.5-lambda{lam}", lam, knob="method.target", knob_value=0.5)
+    run("topk-keep0.5", 0.1, "topk", knob="method.keep", knob_value=0.5)
+    run("topk-target0.5", 0.1, "topk", knob="method.target", knob_value=0.5)
+    runs, _ = load_runs(tmp_path)
+    assert {run["run_dir"].name: run["variant"] for run in runs} == {
+        "gates-lambda0.1": (), "gates-lambda0.3": (),
+        "gates-target0.5-lambda0.1": (("lambda", "0.1"),), "gates-target0.5-lambda0.3": (("lambda", "0.3"),),
+        "topk-keep0.5": (), "topk-target0.5": ()}
+
+
+def test_report_and_its_tables_load_no_torch(tmp_path):
+    """Reading run folders needs no torch: seconds saved on every `dynbert report`."""
+    import subprocess
+    import sys
+
+    make_target_study(tmp_path)
+    code = ("import sys; from typer.testing import CliRunner; from dynbert.cli import app; "
+            f"result = CliRunner().invoke(app, ['report', {str(tmp_path)!r}, '--table', 'runs']); "
+            "assert result.exit_code == 0, result.output; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
