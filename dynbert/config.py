@@ -107,6 +107,9 @@ def _check_lambda_given(cfg: DictConfig, overrides: list[str]) -> None:
     passes it, means what the baseline does."""
     if not any(line.partition("=")[0].lstrip("+~") == "lambda" for line in overrides):
         return
+    if cfg.method.get("target") is not None:
+        raise DynbertError(f"lambda={cfg['lambda']} was given with method.target={cfg.method.target}, which "
+                           "learns λ itself (the multiplier that holds the FLOPs ratio there): drop one of them")
     # The method's own knob, from its grid: a FLOPs target (knob_key's method.target) still reads λ.
     grid = cfg.method.get("grid")
     knob, lam, name = None if grid is None else str(grid).partition("=")[0].strip(), cfg["lambda"], cfg.method.name

@@ -27,19 +27,23 @@ def test_the_target_is_ramped_from_one_over_the_first_half_of_the_phase_then_hel
 def test_the_multiplier_rises_while_batches_cost_more_than_the_target_and_falls_when_less():
     target = FlopsTarget(0.5, lr=0.1)
     soft = torch.tensor(0.7, requires_grad=True)
-    loss = target.loss(soft, torch.tensor(0.9), progress=1.0)  # the rounded ratio, 0.9, is what counts
+    quadratic = target.quadratic(soft, torch.tensor(0.9), progress=1.0)  # the rounded ratio, 0.9, counts
     target.ascend()
     assert target.multiplier == pytest.approx(0.1 * 0.4)
     assert target.multipliers[1].item() == pytest.approx(0.1 * 0.4**2)
-    assert loss.item() == 0  # the multipliers were 0 for that batch
-    loss = target.loss(soft, torch.tensor(0.9), progress=1.0)
-    loss.backward()
-    assert soft.grad.item() == pytest.approx(0.04 + 2 * 0.016 * 0.4)  # through the expected ratio
+    assert quadratic.item() == 0  # λ2 was 0 for that batch
+    target.quadratic(soft, torch.tensor(0.9), progress=1.0).backward()
+    assert soft.grad.item() == pytest.approx(2 * 0.016 * 0.4)  # through the expected ratio
     target.ascend()
     for _ in range(20):
-        target.loss(torch.tensor(0.3), torch.tensor(0.3), progress=1.0)
+        target.quadratic(torch.tensor(0.3), torch.tensor(0.3), progress=1.0)
         target.ascend()
     assert target.multiplier < 0  # cheaper than asked: the pull turns, letting tokens back
+
+
+def test_lambda_given_beside_a_target_is_one_sentence(tmp_path):
+    result = invoke("train", *FAST, "method.target=0.5", "lambda=0.3", f"output_dir={tmp_path}")
+    assert result.exit_code == 2 and "learns λ itself" in result.stderr
 
 
 def test_the_soft_ratio_is_the_engines_count_and_equals_the_rounded_one_for_decided_weights():
@@ -87,13 +91,13 @@ def test_a_fixed_schedule_run_reaches_its_target_on_dev_and_reloads_with_it(tmp_
 
 
 def test_a_gated_run_holds_its_target_with_a_learned_multiplier(tmp_path):
-    args = ["train", *FAST, *SYNTHETIC, "method.target=0.5", "method.start=0", "train.max_steps=60",
-            "train.epochs=8", "method.target_lr=1", f"output_dir={tmp_path}"]
+    args = ["train", *FAST, *SYNTHETIC, "method.target=0.5", "method.start=0", "train.max_steps=120",
+            "train.epochs=15", "method.target_lr=1", f"output_dir={tmp_path}"]
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     metrics = read_json(tmp_path / "metrics.json")
-    assert metrics["target"] == 0.5 and metrics["multiplier"] > 0
-    assert metrics["flops_ratio"] < 0.9  # the multiplier pulled tokens out; λ (0.1) alone prunes nothing here
+    assert metrics["target"] == 0.5 and metrics["multiplier"] != 0
+    assert metrics["flops_ratio"] < 0.9  # the learned λ pulled tokens out
 
 
 def test_the_run_folder_is_named_after_the_target_and_a_sweep_over_targets_sweeps_no_lambda():

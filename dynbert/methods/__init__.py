@@ -44,15 +44,15 @@ def build_method(cfg: DictConfig, num_layers: int, max_length: int, num_heads: i
                      monotone=cfg.monotone, layer_weighting=cfg.layer_weighting, sparsity=cfg.sparsity,
                      bimodal_weight=cfg.bimodal_weight, bimodal_schedule=cfg.bimodal_schedule, lr=cfg.lr,
                      start=cfg.start, harden_at=cfg.harden_at, ranks=cfg.ranks, target=cfg.get("target"),
-                     target_lr=cfg.get("target_lr", 0.1))
+                     target_lr=cfg.get("target_lr"))
     if cfg.name == "power_bert":
         return PowerBert(layers, max_length, lr=cfg.lr, start=cfg.start, retrain_at=cfg.retrain_at,
                          ranks=cfg.get("ranks", "absolute"), target=cfg.get("target"),
-                         target_lr=cfg.get("target_lr", 0.1))
+                         target_lr=cfg.get("target_lr"))
     if cfg.name == "ltp":
         return LearnedTokenPruning(layers, max_length, num_layers, num_heads, threshold=cfg.threshold,
                                    temperature=cfg.temperature, lr=cfg.lr, start=cfg.start, freeze_at=cfg.freeze_at,
-                                   target=cfg.get("target"), target_lr=cfg.get("target_lr", 0.1))
+                                   target=cfg.get("target"), target_lr=cfg.get("target_lr"))
     if cfg.name == "topk":
         return TopK(layers, max_length, num_layers, keep=cfg.keep, target=cfg.get("target"))
     if cfg.name == "random":

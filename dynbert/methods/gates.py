@@ -137,7 +137,7 @@ class Gates(TokenPruner):
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
                  sparsity: str = "ranks", bimodal_weight: float = 10.0, bimodal_schedule: str = "hold",
                  lr: float = 1e-2, start: float = 0.5, harden_at: float | None = None, ranks: str = "absolute",
-                 target: float | None = None, target_lr: float = 1e-2):
+                 target: float | None = None, target_lr: float = 0.02):
         super().__init__(layers, max_length)
         if sparsity not in SPARSITY_TARGETS:
             raise ValueError(f"unknown sparsity target {sparsity!r}; expected one of {SPARSITY_TARGETS}")
@@ -177,16 +177,17 @@ class Gates(TokenPruner):
         if self._hardened(step, total_steps):
             return None  # the gates are decided and frozen: nothing left to regularize
         progress = phase_progress(step, total_steps, self.start, self.end)
-        if self.flops_target is None:
-            mu = bimodal_weight(progress, lam, self.scale, self.schedule)
-            kept_soft = out.kept_soft if self.sparsity == "tokens" else None
-            return gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
-        # λ no longer prices the FLOPs (the learned multiplier does); it still sets the bi-modal
-        # push (μ = bimodal_weight·λ at full strength). The push waits until the target is reached:
-        # a gate it holds at 0 or 1 no longer moves, and the ratio would stop short of the target.
-        mu = bimodal_weight(progress, lam, self.scale, self.schedule, begin=TARGET_RAMP)
-        bimodal = gate_regularizer(self.gates(), self.weights, 0.0, mu).bimodal
-        return RegularizerParts(sparsity=self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_hard, progress), bimodal=bimodal)
+        quadratic, begin = None, 0.2
+        if self.flops_target is not None:  # λ is learned: the multiplier holding the FLOPs target
+            quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_hard, progress)
+            lam = self.flops_target.multiplier
+            # The bi-modal push waits until the target is reached: started while λ1 still grows, it
+            # held the gates open (at g > 0.5 it pushes up), λ1 grew on, and μ = scale·λ1 with it.
+            begin = TARGET_RAMP
+        mu = bimodal_weight(progress, max(lam, 0.0), self.scale, self.schedule, begin=begin)
+        kept_soft = out.kept_soft if self.sparsity == "tokens" else None
+        parts = gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
+        return parts if quadratic is None else RegularizerParts(parts.sparsity + quadratic, parts.bimodal)
 
     def knob_active(self, lam: float) -> bool:
         return self.flops_target is not None or lam > 0

@@ -43,7 +43,7 @@ class LearnedTokenPruning(TokenPruner):
 
     def __init__(self, layers: list[int], max_length: int, num_layers: int, num_heads: int,
                  threshold: float = 0.01, temperature: float = 1e-3, lr: float = 2e-5, start: float = 0.33,
-                 freeze_at: float | None = 0.67, target: float | None = None, target_lr: float = 0.1):
+                 freeze_at: float | None = 0.67, target: float | None = None, target_lr: float = 0.02):
         super().__init__(layers, max_length)
         if temperature <= 0:
             raise ValueError(f"method.temperature={temperature} must be > 0")
@@ -91,12 +91,13 @@ class LearnedTokenPruning(TokenPruner):
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         if int(self.stage) != SOFT:
             return None
-        if self.flops_target is not None:
-            progress = phase_progress(step, total_steps, self.start, 1.0 if self.freeze_at is None else self.freeze_at)
-            sparsity = self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_hard, progress)
-        else:
-            kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
+        kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
+        if self.flops_target is None:
             sparsity = lam * kept_mean.sum()
+        else:  # λ is learned: the multiplier holding the FLOPs target
+            progress = phase_progress(step, total_steps, self.start, 1.0 if self.freeze_at is None else self.freeze_at)
+            quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_hard, progress)
+            sparsity = self.flops_target.multiplier * kept_mean.sum() + quadratic
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
 
     def knob_active(self, lam: float) -> bool:

@@ -56,7 +56,7 @@ class PowerBert(TokenPruner):
 
     def __init__(self, layers: list[int], max_length: int, lr: float = 3e-3, start: float = 0.33,
                  retrain_at: float = 0.67, ranks: str = "absolute", target: float | None = None,
-                 target_lr: float = 0.1):
+                 target_lr: float = 2e-4):
         super().__init__(layers, max_length)
         if not 0 <= start < retrain_at <= 1:
             raise ValueError(f"method.start={start} must come before method.retrain_at={retrain_at} "
@@ -115,12 +115,14 @@ class PowerBert(TokenPruner):
         searching = reached(step, total_steps, self.start) and not reached(step, total_steps, self.retrain_at)
         if not searching or self.retention_fixed:
             return None
-        if self.flops_target is not None:
+        l1 = (self.depth * self.retention_weights().sum(dim=1)).sum()
+        if self.flops_target is None:
+            sparsity = lam * l1
+        else:  # λ is learned: the multiplier holding the FLOPs target
             # The expected ratio both ways: k_l is fixed from the weights' sum, not by rounding each.
             progress = phase_progress(step, total_steps, self.start, self.retrain_at)
-            sparsity = self.flops_target.loss(out.flops_ratio_soft, out.flops_ratio_soft, progress)
-        else:
-            sparsity = lam * (self.depth * self.retention_weights().sum(dim=1)).sum()
+            quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_soft, progress)
+            sparsity = self.flops_target.multiplier * l1 + quadratic
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
 
     def knob_active(self, lam: float) -> bool:
