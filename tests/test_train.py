@@ -3,11 +3,6 @@ what λ does, bf16 and CPU runs, and what mixed precision may and may not change
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -143,34 +138,3 @@ def test_bf16_on_a_cpu_that_only_emulates_it_says_so(tmp_path, monkeypatch, nati
     result = invoke("train", *FAST, *SYNTHETIC, "train.precision=bf16", "train.device=cpu", f"output_dir={tmp_path}")
     assert result.exit_code == 0, result.output
     assert ("bf16 is emulated" in result.stderr) is not native
-
-
-def test_the_bf16_benchmark_script_reproduces_the_runs_own_fp32_score(tmp_path):
-    """benchmarks/bf16_eval.py (the README's bf16 figures): its fp32 pass is the run's own evaluation."""
-    run = tmp_path / "run"
-    metrics = train(compose_config([*FAST, *SYNTHETIC, "lambda=0.3", f"output_dir={run}"]))
-    script = Path(__file__).parents[1] / "benchmarks" / "bf16_eval.py"
-    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.splitlines()[-1])
-    assert summary["fp32"] == metrics["score"] and summary["examples"] == 32
-    assert 0 <= summary["same_kept_tokens"] <= 1 and 0 <= summary["same_prediction"] <= 1
-
-
-def test_the_ltp_start_script_reports_what_the_starting_thresholds_keep():
-    """benchmarks/ltp_start.py (the README's "LTP at its starting thresholds" figures): a threshold
-    of 0 keeps every token, one above any attention keeps CLS alone after the first layer."""
-    script = Path(__file__).parents[1] / "benchmarks" / "ltp_start.py"
-
-    def kept(threshold):
-        done = subprocess.run([sys.executable, str(script), *SYNTHETIC, f"method.threshold={threshold}",
-                               "--examples", "40"], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        line = done.stdout.splitlines()[-1]
-        length = float(line.split("mean length ")[1].split()[0])
-        return length, [float(share.rstrip("%")) for share in line.split(": ")[1].split()]
-
-    length, shares = kept(0)
-    assert shares == [100.0] * len(shares)
-    _, shares = kept(100)
-    assert shares == [round(100 / length)] * len(shares)  # one CLS per input
