@@ -119,7 +119,7 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         metrics.update(task=spec.name, method=cfg.method.name, baseline=cfg.method.name == "none", seed=cfg.seed,
                        version=__version__, train_seconds=round(state.seconds, 2), steps=state.step,
                        run_dir=str(run_dir), score_name=cfg.method.get("score"), precision=cfg.train.precision,
-                       device=str(accelerator.device), model=cfg.model.name)
+                       device=str(accelerator.device), model=cfg.model.name, commit=source_commit())
         metrics["lambda"] = lam
         # What the report groups and labels runs by: the method's knob (None for the baseline).
         knob = knob_key(cfg.method)
@@ -136,6 +136,24 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         logger.info("done: %s", {k: metrics[k] for k in ("score", "score_soft", "flops_ratio", "warnings")})
     accelerator.wait_for_everyone()
     return metrics if main else read_complete_metrics(run_dir)
+
+
+def source_commit() -> str | None:
+    """The git commit of the dynbert source this run trained with (``-dirty`` with uncommitted
+    changes), so a result can be traced to its code; None outside a git checkout."""
+    import subprocess
+
+    source = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        changed = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no", "."],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip()[:12] + ("-dirty" if changed.stdout.strip() else "")
 
 
 def load_run(run_dir: Path) -> GatedModel:
