@@ -1,6 +1,6 @@
 """dynbert: learn which tokens BERT can drop (Jeong & Kwak, arXiv 2102.09727)."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - the package's version, as `dynbert.__version__`
 
 
 def load(run_dir, device: str | None = None):

@@ -13,9 +13,9 @@ the same inputs:
   ``keep10`` (the first pruned layer keeps ceil(f·L) tokens, later layers keep what remains);
   ``power`` (a PoWER-BERT-like schedule: after pruned layer l, ceil(L · 0.15^((l+1)/n)) tokens, so
   the last layer keeps 15%); ``learned`` (a trained run's own method, whatever it is, as trained).
-  Fixed schedules run the paper's gates method with 0/1 gates on the same weights: the kernel
-  still scores and ranks the tokens for real (with the model's score, plus the other score for
-  ``keep50`` so the two can be compared), only the number kept is fixed.
+  Fixed schedules are a registered method, ``schedule`` (``methods/schedule.py``), on the same
+  weights: the kernel still scores and ranks the tokens for real (with the model's score, plus the
+  other score for ``keep50`` so the two can be compared), only the number kept is fixed.
 - mode: ``gather`` (hard mode, tokens physically removed) or ``mask`` (soft mode with the same
   decisions: the masking-only approach; same math, nothing removed).
 
@@ -53,11 +53,8 @@ batch of 32 the floor is shared by 32 × L rows and time follows the FLOPs. bf16
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -68,23 +65,21 @@ import torch
 from torch import nn
 
 from dynbert.console import print_table
-from dynbert.core import SCORES, GatedModel, count_matmul_flops, flops_ratio
+from dynbert.core import SCORES, GatedModel, TokenPruner, count_matmul_flops, flops_ratio
 from dynbert.encoders import adapter_class, adapter_for, supported_model_types
-from dynbert.errors import DynbertError, atomic_write_json, check_writable_folder
-from dynbert.methods.gates import Gates
+from dynbert.errors import DynbertError, atomic_write_json
+from dynbert.measure import DTYPES, check_out, machine, progress, resolve_device, time_round_robin
+from dynbert.methods import registered
+from dynbert.methods.schedule import SHAPES
 
-SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power", "learned")
-DEFAULT_SCHEDULES = ("full", "keep70", "keep50", "keep30", "keep10", "power")
+SCHEDULES = (*SHAPES, "learned")
+DEFAULT_SCHEDULES = SHAPES
 MODES = ("gather", "mask")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PLAIN = "plain"
 """Schedule and mode name of the reference rows: the family's own HF forward (sdpa), no pruning."""
 
 COMPARE_SCORE_ON = ("keep50",)
 """Schedules also benched with the score(s) the model does not use."""
-POWER_LAST_FRACTION = 0.15
-"""``power``: the fraction of tokens the last layer keeps; earlier layers decay geometrically."""
 
 DEFAULT_FAMILY = "bert"
 QUICK_SIZES = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
@@ -93,49 +88,11 @@ defaults (BERT-base for ``bert``)."""
 
 FULL = dict(batch_sizes=(1, 32), seq_lens=(128, 64), budget_s=25.0)
 QUICK = dict(batch_sizes=(1, 8), seq_lens=(64,), budget_s=0.0)
-MIN_ROUNDS, MAX_ROUNDS, QUICK_ROUNDS = 3, 15, 3
-"""Timed rounds per group: in full mode as many as fit ``budget_s`` seconds, within these bounds."""
+QUICK_ROUNDS = 3
+"""Timed rounds per group in quick mode; in full mode as many as fit ``budget_s`` seconds
+(``measure.MIN_ROUNDS`` to ``measure.MAX_ROUNDS``)."""
 
 BENCH_FILE = "bench.json"
-
-
-def result_path(out: str | os.PathLike, file_name: str = BENCH_FILE) -> Path:
-    """Where a bench writes: ``out`` itself if it ends in ``.json``, else ``out/file_name``."""
-    out = Path(out)
-    return out if out.suffix == ".json" else out / file_name
-
-
-def check_out(out: str | os.PathLike, file_name: str) -> Path:
-    """The result's path, or one sentence on why it cannot be written there."""
-    path = result_path(out, file_name)
-    if path.is_dir():
-        raise DynbertError(f"--out {out} is a folder named like a JSON file: pass another path")
-    check_writable_folder(path.parent, "--out")
-    return path
-
-
-def resolve_device(device: str, dtype: str = "fp32") -> torch.device:
-    """The device to time on (``auto``: CUDA when there is one), or one sentence on why not."""
-    if device not in DEVICES:
-        raise DynbertError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
-    if dtype not in DTYPES:
-        raise DynbertError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    has_cuda = torch.cuda.is_available()
-    if device == "cuda" and not has_cuda:
-        raise DynbertError("--device cuda but no CUDA GPU is visible: pass --device auto or cpu")
-    resolved = torch.device("cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu")
-    if dtype == "fp16" and resolved.type != "cuda":
-        raise DynbertError("--dtype fp16 needs a CUDA GPU (CPUs have no fast fp16 products): pass --dtype "
-                           "bf16 or fp32 on this machine")
-    if dtype == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DynbertError("--dtype bf16 needs a GPU with bfloat16 support: pass --dtype fp16 or fp32")
-    return resolved
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work, so a clock read after it counts that work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +156,9 @@ def run_bench(*, quick: bool = False, model: str | os.PathLike | None = None, mo
     config = None if run is not None else _random_model_config(model, model_config, quick)
     source = str(model or DEFAULT_FAMILY) if run is None else "run" if isinstance(run, GatedModel) else str(run)
     if run is not None and not isinstance(run, GatedModel):
-        from dynbert.train import load_run
+        from dynbert.predictor import load
 
-        run = load_run(Path(run))
+        run = load(Path(run), "cpu").gated
     if run is not None and not run.pruned_layers:
         raise DynbertError("the run prunes no layer (a method=none run): there is nothing to prune; "
                            "bench a pruned run, or no run for random weights")
@@ -279,7 +236,7 @@ def _models(config, run: GatedModel | None, seq_lens: list[int], device: torch.d
     else:
         hf_model = copy.deepcopy(run.model)
     plain = copy.deepcopy(hf_model)
-    plain.config._attn_implementation = "sdpa"
+    plain.config._attn_implementation = adapter_for(plain).plain_attention
     plain.to(device=device, dtype=dtype).eval()
     hf_model.to(device=device, dtype=dtype).eval()
     encoder = adapter_for(hf_model)
@@ -294,38 +251,17 @@ def _models(config, run: GatedModel | None, seq_lens: list[int], device: torch.d
         if schedule == "learned":
             method, mask_attention = copy.deepcopy(run.method), run.mask_attention
         else:
-            method = schedule_method(schedule, layers, num_layers, max_length, length, score)
+            method = schedule_method(schedule, layers, num_layers, max_length, score)
             mask_attention = True
         return GatedModel(hf_model, method.to(device=device, dtype=dtype), mask_attention, encoder).eval()
 
     return plain, pruned
 
 
-def keep_counts(schedule: str, layers: list[int], num_layers: int, seq_len: int) -> list[int]:
-    """Tokens a fixed schedule keeps at each pruned layer (of ``num_layers``) of a ``seq_len`` input.
-
-    ``keepF`` prunes at the first pruned layer and keeps the rest; ``power`` keeps
-    ceil(L · 0.15^((l+1)/n)) at layer l of n; ``full`` keeps everything.
-    """
-    keep = [seq_len] * len(layers)
-    if schedule.startswith("keep"):
-        keep[0] = math.ceil(int(schedule[4:]) / 100 * seq_len)
-    elif schedule == "power":
-        keep = [math.ceil(POWER_LAST_FRACTION ** ((layer + 1) / num_layers) * seq_len) for layer in layers]
-    elif schedule != "full":
-        raise DynbertError(f"unknown fixed schedule {schedule!r}; expected one of {DEFAULT_SCHEDULES}")
-    return keep
-
-
-def schedule_method(schedule: str, layers: list[int], num_layers: int, max_length: int, seq_len: int,
-                    score: str) -> Gates:
-    """The paper's gates, open (1) for the first k ranks of each pruned layer and closed (0) after,
-    k from ``keep_counts``: the kernel still scores and ranks, the schedule fixes how many stay."""
-    method = Gates(layers, max_length, num_layers, score=score)
-    keep = torch.tensor(keep_counts(schedule, layers, num_layers, seq_len))
-    with torch.no_grad():
-        method.gates.raw.copy_((torch.arange(max_length)[None, :] < keep[:, None]).float())
-    return method
+def schedule_method(schedule: str, layers: list[int], num_layers: int, max_length: int, score: str) -> TokenPruner:
+    """The fixed schedule ``schedule`` (``methods/schedule.py``) as a method, ranking by ``score``: the
+    kernel still scores and ranks, the schedule fixes how many stay."""
+    return registered("schedule")(layers, max_length, num_layers, shape=schedule, score=score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +271,7 @@ def schedule_method(schedule: str, layers: list[int], num_layers: int, max_lengt
 def _bench(plain: nn.Module, pruned: Callable, run: GatedModel | None, *, quick, preset, batch_sizes, seq_lens,
            schedules, device, dtype, repeats, warmup, source, console) -> dict:
     load_start, started = os.getloadavg()[0], time.perf_counter()
-    _progress(console, started, "counting FLOPs (batch of one, every configuration)")
+    progress(console, started, "counting FLOPs (batch of one, every configuration)")
     model_score = run.method.score if run is not None else SCORES[0]
     pairs = [(schedule, model_score) for schedule in schedules]
     pairs += [(schedule, other) for schedule in schedules if schedule in COMPARE_SCORE_ON
@@ -371,8 +307,8 @@ def _bench(plain: nn.Module, pruned: Callable, run: GatedModel | None, *, quick,
                         for schedule, score in pairs for mode in MODES]
             ids, mask = _inputs(batch, length, vocab_size, device)
             calls = [_forward_call(c, ids, mask) for c in configs]
-            _progress(console, started, f"timing batch {batch}, length {length}: {len(configs)} configurations")
-            times, rounds = _time_round_robin(calls, device=device, warmup=warmup,
+            progress(console, started, f"timing batch {batch}, length {length}: {len(configs)} configurations")
+            times, rounds = time_round_robin(calls, device=device, warmup=warmup,
                                               repeats=repeats or (QUICK_ROUNDS if quick else None),
                                               budget_s=preset["budget_s"])
             rounds_used[f"{batch}x{length}"] = rounds
@@ -397,10 +333,6 @@ def _bench(plain: nn.Module, pruned: Callable, run: GatedModel | None, *, quick,
     )
 
 
-def _progress(console, started: float, message: str) -> None:
-    console.print(f"[dim]{time.perf_counter() - started:6.0f} s  {message}[/dim]")
-
-
 def _inputs(batch: int, length: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids, every one real (no padding); a fixed seed so every run sees the same."""
     generator = torch.Generator().manual_seed(batch * 100_003 + length)
@@ -418,53 +350,6 @@ def _forward_call(config: _Config, ids, mask) -> tuple[tuple, Callable]:
     hard = config.mode == "gather"
     key = (config.mode, config.score) + ((config.schedule,) if hard else ())
     return key, (lambda: config.model(ids, mask, hard=hard))
-
-
-def _time_round_robin(calls, *, device, warmup, repeats, budget_s) -> tuple[list[list[float]], int]:
-    """Seconds of each call's forward in every timed round (one of each per round, after ``warmup``).
-
-    Warm-up rounds run one call per warm-up key. ``repeats=None``: as many rounds as fit
-    ``budget_s`` at the warm-up's pace (``MIN_ROUNDS`` to ``MAX_ROUNDS``).
-    """
-    def run(index):
-        _, forward = calls[index]
-        with torch.inference_mode():
-            synchronize(device)
-            begin = time.perf_counter()
-            forward()
-            synchronize(device)
-            return time.perf_counter() - begin
-
-    first_of_key = {}
-    for index, (key, _) in enumerate(calls):
-        first_of_key.setdefault(key, index)
-    pace = {}
-    for _ in range(max(warmup, 1 if repeats is None else 0)):
-        pace = {key: run(index) for key, index in first_of_key.items()}
-    if repeats is None:
-        repeats = min(MAX_ROUNDS, max(MIN_ROUNDS, int(budget_s / sum(pace[key] for key, _ in calls))))
-    times = [[] for _ in calls]
-    for _ in range(repeats):
-        for index in range(len(calls)):
-            times[index].append(run(index))
-    return times, repeats
-
-
-def machine(device: torch.device) -> dict:
-    """What the figures were measured on: the CPU (and its bf16 instructions), the GPU if one timed."""
-    cpu_model, flags = "", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and not cpu_model:
-                cpu_model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpu_model=cpu_model, cpu_count=os.cpu_count(),
-                bf16_instructions=sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile"}),
-                device=device.type,
-                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model)
 
 
 def _positive_ints(values: Sequence[int], what: str, least: int) -> list[int]:

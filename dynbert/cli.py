@@ -136,9 +136,8 @@ def _without_hydra_cfg_word(overrides: list[str]) -> list[str]:
 def _print_run_summary(metrics: dict) -> None:
     from .report import format_knob
 
-    # A run folder finished before dynbert had several methods holds gates' λ and no knob.
-    knob = format_knob(metrics.get("knob", "lambda"), metrics.get("knob_value", metrics["lambda"]))
-    stderr.print(f"{metrics['task']} {metrics.get('method', 'gates')} {knob}: {metrics['metric']} "
+    knob = format_knob(metrics["method"], metrics["knob"], metrics["knob_value"])
+    stderr.print(f"{metrics['task']} {metrics['method']} {knob}: {metrics['metric']} "
                  f"{metrics['score']:.4f} (hard) / {metrics['score_soft']:.4f} (soft), "
                  f"FLOPs ratio {metrics['flops_ratio']:.3f} ({1 / metrics['flops_ratio']:.2f}× fewer)",
                  highlight=False, soft_wrap=True)
@@ -231,7 +230,8 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
     With --train: time training steps (plain, gated, length-grouped, bf16) and write train_bench.json.
     With --inputs dev: time the run on its own dev texts in PyTorch and ONNX Runtime (docs/export.md).
     """
-    from .bench import result_path, run_bench
+    from .bench import BENCH_FILE, run_bench
+    from .measure import result_path
     from .serve_bench import INPUTS, SERVE_BENCH_FILE, parse_runtimes, run_serve_bench
 
     if inputs not in INPUTS:
@@ -262,7 +262,7 @@ def bench(quick: bool = typer.Option(False, "--quick", help="Few sizes and repea
         raise DynbertError("--data is for --train: the inference bench times random tokens")
     run_bench(quick=quick, model=model, run=run, device=device, dtype=dtype or "fp32", threads=threads, out=out,
               batch_sizes=batch_size or None, schedules=schedule or None, console=stderr)
-    typer.echo(result_path(out))
+    typer.echo(result_path(out, BENCH_FILE))
 
 
 @app.command("inspect")

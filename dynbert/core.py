@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .encoders import EncoderAdapter, EncoderDims, adapter_for
+
+if TYPE_CHECKING:  # a method's config, read by its own class; the engine takes no config
+    from omegaconf import DictConfig
 
 SCORES = ("attention_received", "cls_attention")
 DECIDED_MARGIN = 0.05
@@ -58,8 +62,8 @@ def _dynbert_attention(module, query, key, value, attention_mask, scaling=None, 
     if token_score == "cls_attention":
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
                                            dropout=dropout, scaling=scaling, is_causal=False)
-        with torch.no_grad():
-            cls_logits = torch.matmul(query[:, :, :1], key.transpose(2, 3)) * scaling + attention_mask
+        with torch.no_grad():  # the CLS query's row of the bias (an adapter's bias may differ per query)
+            cls_logits = torch.matmul(query[:, :, :1], key.transpose(2, 3)) * scaling + attention_mask[:, :, :1]
             score = torch.softmax(cls_logits, dim=-1).sum(dim=(1, 2))
         return output, score
     raise ValueError(f"unknown token score {token_score!r}; expected one of {SCORES}")
@@ -105,11 +109,14 @@ class RegularizerParts:
 class TokenPruner(nn.Module):
     """A token-pruning method: which tokens each pruned layer keeps, and how that is learned.
 
-    Subclasses set ``name`` and implement ``token_weights``; the rest has working defaults. The
+    A method is a subclass registered with ``methods.register`` under its ``name``, and a YAML,
+    ``conf/method/<name>.yaml``, naming it (``declarations.py``). It implements ``from_config`` and
+    ``keep_weights``, and ``check`` when it has keys of its own; the rest has working defaults. The
     engine, the loop, evaluation, checkpoints, sweeps and reports only ever call these.
     """
 
-    name = "none"
+    name: str
+    """The name it is registered, run and reported under (``method=<name>``, ``method.name``)."""
     score = "attention_received"
     """The token score the attention kernel computes for this method's layers."""
     never_pruned_advice = "train longer (train.epochs), or turn the method's knob towards pruning more"
@@ -130,19 +137,31 @@ class TokenPruner(nn.Module):
         instead of a λ: its target and learned multiplier go into metrics.json. (An instance
         attribute: a class attribute would hide the submodule a method sets here.)"""
 
-    def knob_active(self, lam: float) -> bool:
-        """Whether this run asked for pruning at all (λ > 0 for a λ-driven method)."""
-        return lam > 0
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        """Refuse, in one sentence (``checks.py``), a value of this method's own ``method.*`` keys it
+        cannot run with. ``cfg`` is the whole run config (a limit may depend on λ). Called when the
+        config is composed, before any work; the engine's keys (``method.layers``, ``method.target``,
+        ``method.mask_attention``) are checked by ``config.validate``."""
+
+    @classmethod
+    def from_config(cls, method_cfg: DictConfig, layers: list[int], max_length: int,
+                    encoder: EncoderAdapter) -> TokenPruner:
+        """The method ``method_cfg`` (a run's ``method`` config) asks for, pruning ``layers`` of
+        ``encoder``'s model. A key added since a run folder was written is absent from its
+        config.yaml: take the value that run trained with, so the folder still loads."""
+        raise NotImplementedError
 
     def calibrate(self, lengths: list[int], dims: EncoderDims) -> None:
         """Before training: fit what the method derives from the training inputs' lengths (``lengths``,
         tokens per example) and the encoder's sizes, e.g. the keep schedule that meets a FLOPs target."""
 
     def prepare(self, hard: bool):
-        """Per-forward values (a gate table, thresholds), computed once before the layers run."""
+        """The method's state for one forward (a gate table, thresholds: a small dataclass of its
+        own), computed once before the layers run; ``keep_weights`` and ``keeps_all`` receive it."""
         return None
 
-    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+    def keep_weights(self, state, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         """(batch, length) keep weights in [0, 1] at pruned layer ``row`` (the engine keeps CLS).
 
         Hard mode keeps weight >= 0.5. Soft mode scales tokens by it; weights already 0/1 make
@@ -150,7 +169,7 @@ class TokenPruner(nn.Module):
         """
         raise NotImplementedError
 
-    def keeps_all(self, values, row: int, length: int) -> bool:
+    def keeps_all(self, state, row: int, length: int) -> bool:
         """Hard mode: True when layer ``row`` certainly keeps every token of a ``length``-long
         (gathered) input, so it need not score, rank or gather (scoring forces eager attention)."""
         return False
@@ -176,6 +195,12 @@ class TokenPruner(nn.Module):
 
     def harden_(self) -> None:
         """Make soft decisions exactly 0/1 (by the same rule hard mode uses), before evaluation."""
+
+    def export_rule(self, state) -> dict | None:
+        """What hard mode decides, as the plain values ``export_modeling.py`` reads (``rule``, one of
+        its ``RULES``, and that rule's fields), from ``prepare(hard=True)``'s ``state``; None when
+        the export's modeling file has no rule for this method (``export.pruning_rule``)."""
+        return None
 
 
 def rank_tokens(score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -206,7 +231,7 @@ class GatedOutput:
     pruned layer) had a weight within ``DECIDED_MARGIN`` of 0 or 1."""
     decisions: torch.Tensor | None = None
     """Soft mode: (batch,) how many token decisions there were."""
-    weights: torch.Tensor | None = None
+    keep_weights: torch.Tensor | None = None
     """Soft mode: (batch, pruned layers, input length) the keep weight each pruned layer gave each
     token (CLS 1, pads 0; not cumulative); differentiable. A regularizer on each layer's own
     decisions (LTP's) reads it."""
@@ -238,7 +263,7 @@ class GatedModel(nn.Module):
             raise ValueError(f"unknown token score {method.score!r}; expected one of {SCORES}")
         if method.max_length > self.encoder.max_positions:
             raise ValueError(f"max_length {method.max_length} exceeds the model's {self.encoder.max_positions} positions")
-        model.config._attn_implementation = "dynbert"
+        model.config._attn_implementation = self.encoder.gated_attention
         self.model = model
         self.method = method
         self.mask_attention = mask_attention
@@ -280,8 +305,8 @@ class GatedModel(nn.Module):
             hidden, real, positions = _gather_kept(hidden, real, positions)
             alive, kept_weight = real, real.to(hidden.dtype)
         pruning = prune and bool(method.layers)
-        values = method.prepare(hard) if pruning else None
-        kept_counts, present_per_layer, kept_soft, layer_weights, scores_per_layer = [], [], [], [], []
+        state = method.prepare(hard) if pruning else None
+        kept_counts, present_per_layer, kept_soft, keep_weights, scores_per_layer = [], [], [], [], []
         expected_counts = []
         decided = decisions = None
         if not hard and pruning:
@@ -290,13 +315,13 @@ class GatedModel(nn.Module):
 
         for index, layer in enumerate(self.encoder.layers):
             row = method.row.get(index) if pruning else None
-            if row is not None and hard and method.keeps_all(values, row, hidden.size(1)):
+            if row is not None and hard and method.keeps_all(state, row, hidden.size(1)):
                 row = None
             bias = self._attention_bias(real, kept_weight, hidden.dtype)
             score_kwargs = {}
             if row is not None:
                 score_kwargs = dict(token_score=method.score, score_queries=alive.to(hidden.dtype))
-            attended, score = self.encoder.attention(layer, hidden, bias, **score_kwargs)
+            attended, score = self.encoder.attention(layer, hidden, bias, positions, **score_kwargs)
 
             if return_scores:
                 ranked = score if row is not None else torch.full_like(hidden[..., 0], math.nan)
@@ -304,7 +329,7 @@ class GatedModel(nn.Module):
             if row is not None:
                 tokens = LayerTokens(score=score, alive=alive, positions=positions, input_ids=input_ids,
                                      num_tokens=num_tokens)
-                weight = method.token_weights(values, row, tokens, hard)
+                weight = method.keep_weights(state, row, tokens, hard)
                 weight = torch.cat([torch.ones_like(weight[:, :1]), weight[:, 1:]], dim=1)  # CLS stays
                 keep = alive & (weight >= 0.5)
                 if hard:
@@ -322,7 +347,7 @@ class GatedModel(nn.Module):
                     kept_weight = kept_weight * weight
                     alive = keep
                     kept_soft.append(kept_weight.sum(dim=1) / num_tokens)
-                    layer_weights.append(torch.where(real, weight, 0.0))
+                    keep_weights.append(torch.where(real, weight, 0.0))
             hidden = self.encoder.feed_forward(layer, attended)
             if not hard and pruning:
                 expected_counts.append(kept_weight.float().sum(dim=1))
@@ -343,12 +368,13 @@ class GatedModel(nn.Module):
                            present=torch.stack(present_per_layer, dim=1),
                            kept_soft=torch.stack(kept_soft, dim=1) if kept_soft else None,
                            decided=decided, decisions=decisions,
-                           weights=torch.stack(layer_weights, dim=1) if layer_weights else None,
+                           keep_weights=torch.stack(keep_weights, dim=1) if keep_weights else None,
                            flops_ratio_soft=flops_ratio_soft, flops_ratio_hard=flops_ratio_hard,
                            scores=torch.stack(scores_per_layer, dim=1) if return_scores else None)
 
     def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
-        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else."""
+        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else. The
+        adapter's ``attention`` adds its family's own terms (e.g. a relative position bias)."""
         blocked = torch.finfo(dtype).min
         if self.mask_attention:
             bias = torch.where(real & (kept_weight > 0), torch.log(kept_weight.clamp(min=_LOG_FLOOR)), blocked)
@@ -392,19 +418,19 @@ def flops_per_example(num_tokens: torch.Tensor, kept: torch.Tensor, dims: Encode
                       dtype: torch.dtype = torch.double) -> torch.Tensor:
     """Analytic FLOPs of each example for a kept-token schedule.
 
-    Layer l with L_in tokens entering and L_out after its decision (made after attention):
-    MAC = 4·D²·L_in (Q, K, V, O) + 2·D·L_in² (QKᵀ, AV) + 2·D·I·L_out (FFN). The head (on the first
-    token: BERT's pooler and classifier, RoBERTa's and ELECTRA's dense and out_proj, DistilBERT's
-    pre_classifier and classifier) and any projection inside the embeddings are counted; embedding
-    lookups are not matrix products. ``num_tokens``: (batch,); ``kept``: (batch, layers), counts or
-    (differentiable) expected counts. ``dtype``: double for reports; float where gradients flow
-    (some devices have no float64).
+    Layer l with L_in tokens entering and L_out after its decision (made after attention) costs
+    ``dims.layer_macs(L_in, L_out)`` MACs, the family's own count (a BERT-shaped layer's by default:
+    4·D²·L_in (Q, K, V, O) + 2·D·L_in² (QKᵀ, AV) + 2·D·I·L_out (FFN)). The head (on the first
+    token: BERT's pooler and classifier, RoBERTa's, ELECTRA's and MPNet's dense and out_proj,
+    DistilBERT's pre_classifier and classifier) and any projection inside the embeddings are
+    counted; embedding lookups are not matrix products. ``num_tokens``: (batch,); ``kept``: (batch,
+    layers), counts or (differentiable) expected counts. ``dtype``: double for reports; float where
+    gradients flow (some devices have no float64).
     """
-    hidden, intermediate = dims.hidden, dims.intermediate
     tokens_out = kept.to(dtype)
     tokens_in = torch.cat([num_tokens.to(dtype)[:, None], tokens_out[:, :-1]], dim=1)
-    macs = (4 * hidden**2 * tokens_in + 2 * hidden * tokens_in**2 + 2 * hidden * intermediate * tokens_out)
-    macs = macs.sum(dim=1) + dims.head_macs + dims.embed_macs_per_token * num_tokens.to(dtype)
+    macs = dims.layer_macs(tokens_in, tokens_out).sum(dim=1)
+    macs = macs + dims.head_macs + dims.embed_macs_per_token * num_tokens.to(dtype)
     return 2 * macs
 
 

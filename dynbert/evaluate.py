@@ -164,17 +164,18 @@ def one_class_warning(metrics: dict) -> str | None:
             f"nothing; {advice}, or try another seed")
 
 
-def run_warnings(metrics: dict, lam: float, method: TokenPruner) -> list[str]:
+def run_warnings(metrics: dict, knob_active: bool, method: TokenPruner) -> list[str]:
     """What a user must hear when the model collapsed to one class, pruning silently did nothing, or
-    rounding changed the model."""
+    rounding changed the model. ``knob_active``: whether the run asked for pruning
+    (``declarations.knob_active``)."""
     collapsed = one_class_warning(metrics)
     warnings = [collapsed] if collapsed else []
     if not method.layers:
         return warnings
-    schedule = method.schedule_warning(metrics["steps"]) if method.knob_active(lam) and "steps" in metrics else None
+    schedule = method.schedule_warning(metrics["steps"]) if knob_active and "steps" in metrics else None
     if schedule:
         warnings.append(schedule)
-    if method.knob_active(lam) and metrics["flops_ratio"] > 0.995:
+    if knob_active and metrics["flops_ratio"] > 0.995:
         warnings.append(f"no token was pruned (FLOPs ratio {metrics['flops_ratio']:.3f}): {method.never_pruned_advice}")
     decided = metrics.get("decided")
     if decided is not None and decided < DECIDED_WANTED:

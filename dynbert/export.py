@@ -34,12 +34,7 @@ from . import export_modeling
 from .core import GatedModel, flops_per_example
 from .data import Encoded, collate, encode, load_splits
 from .errors import FILE_MODE, DynbertError, atomic_write_json, check_writable_folder, first_line
-from .methods import NoPruning
-from .methods.gates import Gates
-from .methods.ltp import LearnedTokenPruning
-from .methods.power_bert import PowerBert
-from .methods.random_tokens import RandomTokens
-from .methods.topk import TopK
+from .methods import registered
 from .tasks import TaskSpec, compute_metrics
 
 FORMATS = ("hf", "onnx")
@@ -62,36 +57,25 @@ REGRESSION_TOLERANCE = 1e-3
 def pruning_rule(method) -> dict:
     """``config.dynbert`` for ``export_modeling``: what ``method`` decides in hard mode, as plain values.
 
-    Read through the method's own ``prepare(hard=True)`` and tables, so the export decides what
-    dynbert's hard mode decides. ``keeps_all_up_to``: per pruned layer, the longest (gathered)
+    Read through the method's own ``prepare(hard=True)`` and its ``export_rule``, so the export decides
+    what dynbert's hard mode decides. ``keeps_all_up_to``: per pruned layer, the longest (gathered)
     input the method certainly keeps whole (``TokenPruner.keeps_all``), which it skips.
     """
     rule = dict(layers=list(method.layers), max_length=method.max_length, score=method.score)
-    if isinstance(method, NoPruning):
-        return dict(rule, rule="none", score=None, keeps_all_up_to=[])
     with torch.no_grad():
-        values = method.prepare(hard=True)
-    if isinstance(method, Gates):
-        rule.update(rule="rank_table", open=(values[0] >= 0.5).tolist(), relative=method.relative)
-    elif isinstance(method, PowerBert):
-        rule.update(rule="retention", retention=list(values[0]), relative=method.relative)
-    elif isinstance(method, LearnedTokenPruning):
-        rule.update(rule="threshold", thresholds=values[0].float().tolist(), num_heads=method.num_heads)
-    elif isinstance(method, RandomTokens):  # before TopK: random is top-k's schedule with hashed ranks
-        rule.update(rule="random", score=None, counts=method.counts.tolist(),
-                    hash_states=[export_modeling.hash_state(method.seed, layer) for layer in method.layers])
-    elif isinstance(method, TopK):
-        rule.update(rule="length_table", counts=method.counts.tolist())
-    else:
-        raise DynbertError(f"method {method.name} has no export rule: export_modeling.py knows gates, power_bert, "
-                           "ltp, topk, random and none")
-    rule["keeps_all_up_to"] = [_keeps_all_up_to(method, values, row) for row in range(len(method.layers))]
+        state = method.prepare(hard=True)
+        own = method.export_rule(state)
+    if own is None:
+        raise DynbertError(f"method {method.name} has no export rule: export_modeling.py knows "
+                           f"{', '.join(export_modeling.RULES)}")
+    rule.update(own)
+    rule["keeps_all_up_to"] = [_keeps_all_up_to(method, state, row) for row in range(len(method.layers))]
     return rule
 
 
-def _keeps_all_up_to(method, values, row: int) -> int:
+def _keeps_all_up_to(method, state, row: int) -> int:
     """The longest input length up to which ``method.keeps_all`` holds at ``row`` (0: none)."""
-    keeps = [method.keeps_all(values, row, length) for length in range(1, method.max_length + 1)]
+    keeps = [method.keeps_all(state, row, length) for length in range(1, method.max_length + 1)]
     up_to = keeps.index(False) if False in keeps else len(keeps)
     # Every shipped method keeps short inputs whole and long ones not (or all or none alike); one
     # that did otherwise could not be written as a single length.
@@ -104,7 +88,11 @@ def _keeps_all_up_to(method, values, row: int) -> int:
 def exported_classifier(gated: GatedModel, prune: bool = True) -> torch.nn.Module:
     """The export's classifier (``export_modeling``), the run's weights copied: its hard-mode forward
     (``prune=False``: the same weights, nothing dropped, exported alike: the dense reference)."""
-    cls = export_modeling.CLASSES[gated.model.config.model_type]
+    model_type = gated.model.config.model_type
+    if model_type not in export_modeling.CLASSES:
+        raise DynbertError(f"the export's modeling file has no {model_type} model (it serves "
+                           f"{', '.join(sorted(export_modeling.CLASSES))}): use this run with `dynbert predict`")
+    cls = export_modeling.CLASSES[model_type]
     config = cls.config_class.from_dict(_config_with_rule(gated, prune).to_dict())
     config.architectures = [cls.__name__]
     module = Path(MODELING_FILE).stem
@@ -225,7 +213,7 @@ def write_hf(model, tokenizer, folder: Path) -> None:
 def _config_with_rule(gated: GatedModel, prune: bool = True):
     """The run's model config (its family, sizes and labels) with the decision rule as ``dynbert``."""
     config = copy.deepcopy(gated.model.config)
-    config.dynbert = pruning_rule(gated.method if prune else NoPruning([], gated.max_length))
+    config.dynbert = pruning_rule(gated.method if prune else registered("none")([], gated.max_length))
     return config
 
 

@@ -13,7 +13,7 @@ from transformers.utils import logging as hf_logging
 
 from .core import GatedModel
 from .encoders import adapter_class, adapter_for, random_model, supported_model_types
-from .methods import build_method
+from .methods import from_config
 from .errors import FILE_MODE, DynbertError, first_line
 from .hub import go_offline_if_unreachable
 from .rundir import checksum_problem, write_checksums
@@ -182,7 +182,7 @@ def make_gated_model(model, method_cfg, max_length: int) -> GatedModel:
         raise DynbertError(f"task.max_length={max_length} exceeds the model's {positions} positions: "
                            f"pass task.max_length={positions} or less")
     try:
-        method = build_method(method_cfg, adapter.dims.num_layers, max_length, adapter.num_heads)
+        method = from_config(method_cfg, adapter, max_length)
         return GatedModel(model, method, mask_attention=method_cfg.mask_attention, encoder=adapter)
     except ValueError as error:
         raise DynbertError(f"bad method or model setting: {error}") from error
@@ -195,9 +195,10 @@ def save_model(gated: GatedModel, tokenizer, folder: Path) -> None:
     thresholds, retention) are in ``method.safetensors`` and need dynbert.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    gated.model.config._attn_implementation = "sdpa"  # a plain model when reloaded by others
+    # A plain model when reloaded by others (transformers' sdpa, or the family's own where it has no sdpa).
+    gated.model.config._attn_implementation = gated.encoder.plain_attention
     gated.model.save_pretrained(folder)
-    gated.model.config._attn_implementation = "dynbert"
+    gated.model.config._attn_implementation = gated.encoder.gated_attention
     tokenizer.save_pretrained(folder)
     state = {name: tensor.detach().contiguous() for name, tensor in gated.method.state_dict().items()}
     save_file(state, str(folder / METHOD_FILE), metadata={"method": gated.method.name})
@@ -210,8 +211,8 @@ def save_model(gated: GatedModel, tokenizer, folder: Path) -> None:
 
 
 def load_model(folder: Path, method_cfg, max_length: int):
-    """Reload what ``save_model`` wrote, checked against its checksums. Safetensors only: nothing is
-    unpickled or executed."""
+    """Reload what ``save_model`` wrote, checked against its checksums: the model-folder half of
+    ``predictor.load``, the one run loader. Safetensors only: nothing is unpickled or executed."""
     weights = [folder / name for name in WEIGHT_FILES]
     if not all(path.is_file() for path in weights):
         raise DynbertError(f"{folder} holds no trained model ({' and '.join(WEIGHT_FILES)}); "

@@ -9,6 +9,7 @@ that its evaluation recorded in metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -25,6 +26,7 @@ from .data import Encoded, collate
 from .errors import DynbertError, shorten, utf8_problem
 from .evaluate import predict as predict_sorted_batches, refuse_non_finite
 from .inspection import Inspection
+from .loop import precision_autocast
 from .modeling import load_model
 from .rundir import METRICS_FILE, MODEL_DIR, load_run_config, read_metrics
 from .tasks import TaskSpec, get_task
@@ -33,12 +35,19 @@ OUTPUT_FORMATS = (".tsv", ".jsonl")
 
 
 def load(run_dir: str | Path, device: str | None = None) -> Predictor:
-    """The finished run in ``run_dir``, ready to predict; ``device`` defaults to CUDA if visible, else CPU."""
+    """The finished run in ``run_dir``, ready to predict as its evaluation did: the one run loader
+    (`dynbert predict`, `inspect`, `export`, `bench --run`, ``dynbert.load``, ``train.load_run``).
+
+    ``device`` defaults to CUDA if visible, else CPU. The run's ``train.precision`` is honoured: a bf16
+    or fp16 run predicts under the autocast its evaluation ran under (a run folder from before the
+    key trained in fp32).
+    """
     run_dir = Path(run_dir).expanduser()
     cfg, spec = finished_run(run_dir)
     gated, tokenizer = load_model(run_dir / MODEL_DIR, cfg.method, cfg.task.max_length)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Predictor(gated.to(device).eval(), tokenizer, spec, cfg.train.eval_batch_size)
+    autocast = precision_autocast(cfg.train.get("precision", "fp32"), device)
+    return Predictor(gated.to(device).eval(), tokenizer, spec, cfg.train.eval_batch_size, autocast)
 
 
 def finished_run(run_dir: Path) -> tuple[DictConfig, TaskSpec]:
@@ -60,12 +69,15 @@ def finished_run(run_dir: Path) -> tuple[DictConfig, TaskSpec]:
 class Predictor:
     """A trained run's pruned model and tokenizer: ``predict`` many texts, ``inspect`` one."""
 
-    def __init__(self, gated: GatedModel, tokenizer, spec: TaskSpec, batch_size: int):
+    def __init__(self, gated: GatedModel, tokenizer, spec: TaskSpec, batch_size: int,
+                 autocast=contextlib.nullcontext):
         self.gated = gated
         self.tokenizer = tokenizer
         self.spec = spec
         self.batch_size = batch_size
         """The run's evaluation batch size: the same batches give evaluation's numbers exactly."""
+        self.autocast = autocast
+        """The run's precision (``loop.precision_autocast``): every forward runs under it, as evaluation's did."""
 
     @property
     def max_length(self) -> int:
@@ -91,7 +103,8 @@ class Predictor:
         if not pairs:
             return []
         encoded, truncated = self.encode(pairs)
-        result = predict_sorted_batches(self.gated, encoded, batch_size or self.batch_size, hard=True, spec=self.spec)
+        result = predict_sorted_batches(self.gated, encoded, batch_size or self.batch_size, hard=True, spec=self.spec,
+                                        autocast=self.autocast)
         return [self._record(result["logits"][i], result["kept_tokens"][i], len(encoded.input_ids[i]),
                              result["flops"][i], result["baseline_flops"][i], truncated[i])
                 for i in range(len(pairs))]
@@ -107,7 +120,8 @@ class Predictor:
             raise DynbertError(f"{self.spec.name} takes one text, not two: drop the second")
         encoded, truncated = self.encode([(text_a, text_b)])
         batch = collate(encoded, [0]).to(next(self.gated.parameters()).device)
-        out = self.gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True, return_scores=True)
+        with self.autocast():
+            out = self.gated(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True, return_scores=True)
         refuse_non_finite(self.gated, out.logits)
         flops, baseline = self.gated.flops(out)
         ids = encoded.input_ids[0]

@@ -6,9 +6,11 @@ skipped silently. `dynbert report` calls `write_report`, which writes `report.md
 Markdown table alone (`--table`: runs, compare, best), the text README.md and docs/ embed. Runs group
 by their whole identity: task, method, knob value, and the config keys in which runs of the same task
 and method differ (the variant, e.g. method.score=cls_attention), read from config.yaml beside
-metrics.json. Each task's panel overlays the methods, one colour each, each with its own Pareto
-front. Files written before dynbert had several methods lack `method` and `knob`: they are the
-paper's gates swept over λ (or the baseline). Scores show in points (×100), as GLUE papers give them.
+metrics.json (`rundir.run_identity`). Each task's panel overlays the methods, one colour each, each
+with its own Pareto front. Files written before dynbert had several methods lack `method` and `knob`: they are the
+paper's gates swept over λ (or the baseline), as `rundir.read_metrics` fills them in. A knob's label
+and off value are its method's YAML's (`declarations.py`). Scores show in points (×100), as GLUE
+papers give them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from dynbert import rundir
 from dynbert.console import print_table
+from dynbert.declarations import TARGET, Knob, default_method, method_declaration, method_knob
 from dynbert.errors import DynbertError, atomic_write_bytes, atomic_write_text, check_writable_folder
-from dynbert.rundir import CONFIG_FILE, EXECUTION_KEYS, METRICS_FILE, read_metrics
+from dynbert.rundir import CONFIG_FILE, METRICS_FILE, read_metrics, run_identity
 
 FORMATS = ("md", "csv", "png", "svg")
 TABLES = ("runs", "compare", "best")
@@ -60,13 +62,8 @@ _SUMMARY_FIELDS = {
 }
 METHOD_ORDER = ("gates", "power_bert", "ltp", "topk", "random")
 """Tables and legends list the methods in this order (others follow, alphabetically)."""
-KNOB_OFF = {"lambda": 0.0, "method.keep": 1.0}
-"""The knob value at which a method prunes least: Δ in the tables is measured from it."""
-_KNOB_SYMBOLS = {"lambda": "λ", "method.keep": "keep", "method.target": "target"}
-_NOT_IDENTITY = ("seed", "method.seed", "run_name", "method.knob", "glue_dir", "task.data_dir", *EXECUTION_KEYS)
-"""Config keys that never make two runs different results: the seed (seeds are averaged), names derived
-from other keys, how a run was executed, and data paths, which differ between machines. (λ and the knobs
-depend on the run: `_identity`.)"""
+SEED_KEYS = ("seed", "method.seed")
+"""Identity keys a group averages over: the seed, and random's hash seed, which follows it."""
 _LEFT = ("task", "method", "variant", "knob")
 """Table columns of words, aligned left; the others hold numbers."""
 
@@ -80,7 +77,6 @@ def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     if not folder.is_dir():
         raise DynbertError(f"{folder} is not a folder: pass a sweep or run folder that holds metrics.json files.")
     runs, bad = [], []
-    declared: dict[str, set[str] | None] = {}
     for path in sorted(folder.rglob(METRICS_FILE)):
         if not path.is_file():
             continue
@@ -88,69 +84,28 @@ def load_runs(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if why:
             bad.append((path, why))
             continue
-        run = _with_method_and_knob({**data, "run_dir": path.parent})
-        run["identity"] = _identity(run, declared)
+        run = {**data, "run_dir": path.parent}
+        run["identity"] = _identity(run)
         runs.append(run)
     _assign_variants(runs)
     return runs, bad
 
 
-def _with_method_and_knob(run: dict) -> dict:
-    """Fill in `method`, `knob` and `knob_value` for files written before dynbert had several methods:
-    those are the paper's gates swept over λ, or the un-pruned baseline."""
-    run.setdefault("method", "none" if run["baseline"] else "gates")
-    if "knob" not in run:
-        run["knob"] = None if run["baseline"] else "lambda"
-        run["knob_value"] = None if run["baseline"] else run["lambda"]
-    return run
-
-
-def _identity(run: dict, declared: dict[str, set[str] | None]) -> dict[str, str | None] | None:
-    """What makes the run the result it is: its config.yaml's keys, flattened, each with its value as text,
-    less `_NOT_IDENTITY` and the `method.*` keys its method does not declare (an experiment's method.start
-    lands on the baseline too, which never reads it; `declared` caches them by method). None without a
-    readable config.yaml: such a run groups by its knob alone.
-
-    Its own knob (the row's value already) and an unread λ map to None: not this run's to compare, where
-    another run of the method may have them (keep = 0.5 beside a top-k FLOPs target). λ is read beside
-    another knob where the method's grid is λ's: gates held to a FLOPs target still set their bi-modal
-    weight from it.
-    """
+def _identity(run: dict) -> dict[str, str | None] | None:
+    """The run's identity (``rundir.run_identity`` of its config.yaml) as a group compares it: less the
+    seeds (averaged), and with its own knob mapped to None, not this run's to compare (the row's value
+    already), where another run of the method may have it (keep = 0.5 beside a top-k FLOPs target).
+    None without a readable config.yaml: such a run groups by its knob alone."""
     try:
         cfg = OmegaConf.load(run["run_dir"] / CONFIG_FILE)
     except Exception:  # noqa: BLE001 - absent, unreadable or not YAML: the run's metrics still count
         return None
     if not isinstance(cfg, DictConfig):
         return None
-    # Unresolved: `${knob:...}` needs config.py's resolver, and `${model.lr}` is compared as model.lr itself.
-    flat = rundir._flatten(OmegaConf.to_container(cfg, resolve=False))
-    name = str(flat.get("method.name"))
-    if name not in declared:
-        declared[name] = rundir._declared_method_keys(cfg)
-    known = declared[name]
-    reads_lambda = (run["knob"] not in (None, "lambda")
-                    and str(flat.get("method.grid")).partition("=")[0].strip() == "lambda")
-    identity: dict[str, str | None] = {}
-    for key, value in flat.items():
-        skipped = any(key == e or key.startswith(e + ".") for e in _NOT_IDENTITY)
-        undeclared = known is not None and key.startswith("method.") and key.split(".")[1] not in known
-        if not (skipped or undeclared):
-            identity[key] = _value_text(value)
-    identity["lambda"] = _value_text(flat.get("lambda")) if reads_lambda else None
+    identity: dict[str, str | None] = {key: value for key, value in run_identity(cfg).items() if key not in SEED_KEYS}
     if run["knob"] is not None:
         identity[run["knob"]] = None
     return identity
-
-
-def _value_text(value) -> str:
-    """A config value as a variant shows it; equal values give equal text (1 and 1.0 are one value)."""
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
 
 
 def _assign_variants(runs: list[dict]) -> None:
@@ -200,7 +155,7 @@ def _group_key(run: dict) -> tuple:
     A baseline's knob means nothing: a task's baseline runs of one variant form one group, whatever λ they carry.
     """
     if run["baseline"]:
-        return (run["task"], True, "none", run["variant"], None, None)
+        return (run["task"], True, run["method"], run["variant"], None, None)
     value = run["knob_value"]
     return (run["task"], False, run["method"], run["variant"], run["knob"], None if value is None else float(value))
 
@@ -210,7 +165,8 @@ def _method_rank(method: str) -> tuple:
 
 
 def _knob_rank(knob: str | None) -> tuple:
-    return (list(_KNOB_SYMBOLS).index(knob) if knob in _KNOB_SYMBOLS else len(_KNOB_SYMBOLS), knob or "")
+    """A method's own knob before a FLOPs target (λ before keep: by key)."""
+    return (knob == TARGET.key, knob or "")
 
 
 def _row_order(row: dict) -> tuple:
@@ -232,10 +188,11 @@ def summarize(runs: list[dict]) -> list[dict]:
     kept_last (kept fraction at the last layer), cue_kept and agreement (hard/soft prediction
     agreement; None where no run has it). std is the sample standard deviation over seeds (n - 1),
     None for a single run. `delta` is score_mean minus the same task, method and variant's score_mean
-    with the knob off (`KNOB_OFF`: λ = 0, keep = 1), None without such a run; the baseline row is
-    compared with the paper's gates at λ = 0. `delta_baseline` is score_mean minus the task's un-pruned
-    baseline's (None without one): what "within 1 point" is measured by. Where a task has several
-    baseline variants, a row is compared with the one whose variant its config matches (`_matching`).
+    with the knob off (its declared ``off_at``: λ = 0, keep = 1), None without such a run; the baseline
+    row is compared with dynbert's default method (the paper's gates) at λ = 0. `delta_baseline` is
+    score_mean minus the task's un-pruned baseline's (None without one): what "within 1 point" is
+    measured by. Where a task has several baseline variants, a row is compared with the one whose
+    variant its config matches (`_matching`).
     `reduction` is 1 / flops_ratio_mean (×-fold fewer FLOPs). `trivial_score` is the task's score of
     always answering the most frequent dev class (the first run of the task, by folder, that holds
     one; None if none does). `warned` counts the runs whose metrics.json holds warnings (a collapse to
@@ -263,11 +220,12 @@ def summarize(runs: list[dict]) -> list[dict]:
         ratio = row["flops_ratio_mean"]
         row["reduction"] = 1.0 / ratio if ratio and ratio > 0 else None
         rows.append(row)
-    knob_off = [row for row in rows if not row["baseline"] and row["knob"] in KNOB_OFF
-                and row["knob_value"] == KNOB_OFF[row["knob"]]]
+    knob_off = [row for row in rows if not row["baseline"] and row["knob_value"] is not None
+                and row["knob_value"] == _off(row["method"], row["knob"])]
     baselines = [row for row in rows if row["baseline"]]
+    reference = default_method()
     for row in rows:
-        method = "gates" if row["baseline"] else row["method"]
+        method = reference if row["baseline"] else row["method"]
         ref = _matching(row, [r for r in knob_off if r["task"] == row["task"] and r["method"] == method])
         row["delta"] = row["score_mean"] - ref["score_mean"] if ref is not None else None
         base = _matching(row, [r for r in baselines if r["task"] == row["task"]])
@@ -328,18 +286,33 @@ def format_lambda(lam: float | None) -> str:
     return text
 
 
-def format_knob(knob: str | None, value: float | None) -> str:
+def knob_of(method: str, key: str) -> Knob:
+    """The knob ``key`` (a metrics.json ``knob``) of ``method`` as declared: ``TARGET``, or the knob the
+    method's YAML declares (``declarations.py``); one no YAML declares (its method's is gone) is labelled
+    by its key and has no off value."""
+    if key == TARGET.key:
+        return TARGET
+    declaration = method_declaration(method)
+    knob = None if declaration is None else method_knob(declaration)
+    return knob if knob is not None and knob.key == key else Knob(key, None, key)
+
+
+def _off(method: str, key: str | None) -> float | None:
+    return None if key is None else knob_of(method, key).off_at
+
+
+def format_knob(method: str, knob: str | None, value: float | None) -> str:
     """A run's knob as a label: "λ=0.1", "keep=0.5"; "baseline" for the un-pruned run."""
     if knob is None:
         return "baseline"
-    return f"{knob_symbol(knob)}={format_lambda(value)}"
+    return f"{knob_symbol(method, knob)}={format_lambda(value)}"
 
 
-def knob_symbol(knob: str | None) -> str:
-    """λ for lambda, keep for method.keep, the key itself for any other knob; "—" for none."""
+def knob_symbol(method: str, knob: str | None) -> str:
+    """The knob's declared label (λ, keep, target); "—" for none."""
     if knob is None:
         return "—"
-    return _KNOB_SYMBOLS.get(knob, knob)
+    return knob_of(method, knob).label
 
 
 def format_flops(value: float | None) -> str:
@@ -405,7 +378,8 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     cells = []
     for row in rows:
         line = [row["method"]] + ([format_variant(row["variant"])] if with_variant else []) + [
-            knob_symbol(row["knob"]), format_lambda(row["knob_value"]), _points(row["score_mean"], row["score_std"]),
+            knob_symbol(row["method"], row["knob"]), format_lambda(row["knob_value"]),
+            _points(row["score_mean"], row["score_std"]),
             "—" if row["baseline"] else _delta_points(row["delta_baseline"]), _delta_points(row["delta"]),
             format_flops(row["flops_per_example_mean"]), _pm(row["flops_ratio_mean"], row["flops_ratio_std"])]
         if with_train:
@@ -446,7 +420,8 @@ def _compare_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         for (_, value, knob), by_series in sorted(lines.items()):
             if len(by_series) + bool(baselines) < 2:
                 continue
-            cells.append([f"{task} ({task_rows[0]['metric']})", format_knob(knob, value)]
+            method = next(iter(by_series.values()))["method"]  # methods sharing a knob key share its label
+            cells.append([f"{task} ({task_rows[0]['metric']})", format_knob(method, knob, value)]
                          + [_compare_cell(by_series[name]) if name in by_series else "—" for name in series]
                          + [base or "—", _points(task_rows[0]["trivial_score"])])
     return header, cells
@@ -481,10 +456,10 @@ def _best_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
             within = [row for row in compared if row["delta_baseline"] >= -WITHIN - 1e-9]
             if within:
                 row = max(within, key=lambda row: (row["reduction"] or 0.0, row["score_mean"]))
-                knob = format_knob(row["knob"], row["knob_value"])
+                knob = format_knob(row["method"], row["knob"], row["knob_value"])
             else:
                 row = max(compared, key=lambda row: (row["delta_baseline"], row["reduction"] or 0.0))
-                knob = f"none within 1 point; closest: {format_knob(row['knob'], row['knob_value'])}"
+                knob = f"none within 1 point; closest: {format_knob(row['method'], row['knob'], row['knob_value'])}"
             cells.append(start + [knob, _points(row["score_mean"], row["score_std"]),
                                   _delta_points(row["delta_baseline"]),
                                   _pm(row["flops_ratio_mean"], row["flops_ratio_std"]), _reduction(row), str(row["n"])])
@@ -735,7 +710,7 @@ def plot_tradeoff(rows: list[dict]):
             color = _method_color(method)
             marker = _VARIANT_MARKERS[variants[method].index(variant) % len(_VARIANT_MARKERS)]
             # Gates swept over λ and held to FLOPs targets in one folder: both knobs label its points.
-            knobs = ", ".join(dict.fromkeys(knob_symbol(r["knob"]) for r in method_rows))
+            knobs = ", ".join(dict.fromkeys(knob_symbol(method, r["knob"]) for r in method_rows))
             mx = [r["flops_ratio_mean"] for r in method_rows]
             my = [r["score_mean"] for r in method_rows]
             front = pareto_front(list(zip(mx, my)))
@@ -771,7 +746,7 @@ def plot_tradeoff(rows: list[dict]):
         ax.set_axisbelow(True)
         # "best": a fixed corner hid STS-B's one pruned point (84.1 at 0.85) under the legend.
         legend = ax.legend(handles=handles, loc="best", fontsize=7, framealpha=0.9) if handles else None
-        items = [(x, y, format_knob(r["knob"], r["knob_value"])) for r, x, y in zip(pruned, xs, ys)]
+        items = [(x, y, format_knob(r["method"], r["knob"], r["knob_value"])) for r, x, y in zip(pruned, xs, ys)]
         items = [(r["flops_ratio_mean"], r["score_mean"], "baseline") for r in base] + items
         # What labels must not cover, in data units with a pad in points: markers (the star is larger than
         # a dot) and error bars with their caps.
@@ -856,7 +831,7 @@ def _load_finished(folder: Path, console) -> tuple[list[dict], list[tuple[Path, 
         if len(dirs) > 1:
             same = f", {format_variant(variant)}" if variant else ""
             console.print(f"[yellow]warning:[/] {len(dirs)} runs share task {escape(task)}, method {escape(method)}"
-                          f"{escape(same)}, {escape(format_knob(knob, value))}, seed {seed}; all are averaged: "
+                          f"{escape(same)}, {escape(format_knob(method, knob, value))}, seed {seed}; all are averaged: "
                           + escape(", ".join(map(str, dirs))), highlight=False)
     return runs, bad
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .declarations import method_declaration, method_knob
 from .errors import DynbertError, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOG_FILE = "config.yaml", "metrics.json", "checkpoint.pt", "train.log"
@@ -34,9 +35,11 @@ OWNER_FILE, LOCK_FILE = ".dynbert-run", ".dynbert-lock"
 OWNED_NAMES = (METRICS_FILE, CHECKPOINT_FILE, CHECKPOINT_SUM_FILE, LOG_FILE, MODEL_DIR, STATUS_FILE)
 """What a fresh start removes from a folder that dynbert owns (config.yaml is rewritten)."""
 
-EXECUTION_KEYS = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep", "method.grid")
-"""Keys that change how a run is executed (or, ``method.grid``, what a sweep would vary), not what it
-computes: they may differ on resume."""
+NOT_IDENTITY = ("train.overwrite", "train.num_threads", "train.device", "output_dir", "sweep",
+                "glue_dir", "task.data_dir", "run_name", "method.class", "method.knob", "method.grid")
+"""Config keys that never make two runs different results: how a run was executed, where its data lay
+(paths differ between machines), names derived from other keys, and the method's declaration (its
+class, its knob and the grid a sweep would try: what it is, not how this run was set)."""
 
 # ---------------------------------------------------------------------------------------------
 # metrics.json: one schema for train (writer), report and sweep (readers) and the tests.
@@ -108,8 +111,14 @@ def metrics_problem(data) -> str | None:
     return None
 
 
+BEFORE_METHODS = {False: ("gates", "lambda"), True: ("none", None)}
+"""``baseline`` -> (``method``, ``knob``) of a metrics.json written before dynbert had several methods, which
+records neither: such a run is the paper's gates swept over λ, or the un-pruned baseline."""
+
+
 def read_metrics(run_dir: Path) -> tuple[dict | None, str | None]:
-    """(metrics, None) for a usable metrics.json; (None, why) otherwise; (None, None) when absent."""
+    """(metrics, None) for a usable metrics.json, its ``method`` and ``knob`` filled in where it predates them
+    (``BEFORE_METHODS``); (None, why) otherwise; (None, None) when absent."""
     path = Path(run_dir) / METRICS_FILE
     try:
         text = path.read_text(encoding="utf-8")
@@ -122,7 +131,13 @@ def read_metrics(run_dir: Path) -> tuple[dict | None, str | None]:
     except ValueError as error:
         return None, f"not valid JSON ({str(error)[:80]})"
     why = metrics_problem(data)
-    return (None, why) if why else (data, None)
+    if why:
+        return None, why
+    method, knob = BEFORE_METHODS[data["baseline"]]
+    data.setdefault("method", method)
+    if "knob" not in data:
+        data["knob"], data["knob_value"] = knob, None if knob is None else data["lambda"]
+    return data, None
 
 
 def _refuse_constant(name: str):
@@ -310,28 +325,50 @@ def claim(run_dir: Path, cfg: DictConfig) -> None:
     atomic_write_text(config_path, OmegaConf.to_yaml(cfg))
 
 
-def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
-    """The keys whose values make two run configs different runs.
+def run_identity(cfg: DictConfig) -> dict[str, str]:
+    """What makes a run the result it is: its config's keys, flattened, each with its value as text
+    (``value_text``: 1 and 1.0 are one value). The one definition of "the same run", for resuming a
+    folder (``differing_keys``), skipping a sweep's finished job, naming a sweep's run folders and
+    grouping runs in `dynbert report`.
 
-    Execution keys do not, nor ``method.*`` keys that neither run's method declares: an
-    experiment's ``method.start: 0.3`` lands on its baseline's config too (Hydra merges it into
-    whichever method is chosen), and ``method=none`` never reads it, so its finished runs still count.
+    Left out: ``NOT_IDENTITY``; the ``method.*`` keys the run's method does not declare (an
+    experiment's ``method.start`` lands on the baseline too, which never reads it); λ where the method's
+    knob is not λ (top-k reads ``method.keep``, the baseline prunes nothing). A method whose YAML is
+    gone keeps every key. Values are read unresolved: a run folder's config.yaml may hold interpolations
+    (``${model.lr}``, resolvers of an older dynbert) that are compared as written.
     """
-    flat_old, flat_new = _flatten(OmegaConf.to_container(old)), _flatten(OmegaConf.to_container(new))
-    declared_old, declared_new = _declared_method_keys(old), _declared_method_keys(new)
-    declared = None if declared_old is None or declared_new is None else declared_old | declared_new
-    keys = sorted(set(flat_old) | set(flat_new))
-    return [k for k in keys if flat_old.get(k) != flat_new.get(k)
-            and not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)
-            and (declared is None or not k.startswith("method.") or k.split(".")[1] in declared)]
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    declaration = method_declaration(str(flat.get("method.name")))
+    declared = None if declaration is None else set(declaration)
+    knob = None if declaration is None else method_knob(declaration)
+    reads_lambda = declaration is None or (knob is not None and knob.key == "lambda")
+    return {key: value_text(value) for key, value in flat.items()
+            if not ignored(key)
+            and not (declared is not None and key.startswith("method.") and key.split(".")[1] not in declared)
+            and (key != "lambda" or reads_lambda)}
 
 
-def _declared_method_keys(cfg: DictConfig) -> set[str] | None:
-    """The keys conf/method/<name>.yaml gives the run's method; None (all count) for an unknown one."""
-    from .config import conf_dir
+def ignored(key: str) -> bool:
+    """Whether a config key (or a group of them, ``sweep``) is in ``NOT_IDENTITY``."""
+    return any(key == name or key.startswith(name + ".") for name in NOT_IDENTITY)
 
-    path = conf_dir() / "method" / f"{OmegaConf.select(cfg, 'method.name')}.yaml"
-    return set(OmegaConf.load(path)) if path.is_file() else None
+
+def differing_keys(old: DictConfig, new: DictConfig) -> list[str]:
+    """The keys whose values make two run configs different runs (``run_identity``); a key one lacks
+    counts as null there, as a key added to conf/ since is null where it means nothing."""
+    before, after = run_identity(old), run_identity(new)
+    return sorted(key for key in set(before) | set(after) if before.get(key, "null") != after.get(key, "null"))
+
+
+def value_text(value) -> str:
+    """A config value as text; equal values give equal text (1 and 1.0 are one value)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -14,7 +14,7 @@ size and padded to each batch's longest, as a server would get them. On the CPU 
 - ``pruned int8`` ``onnxruntime``: the same, dynamically quantized (``--quantize int8``).
 
 One call is a pass over all the examples; calls run round-robin (one pass of each model per
-round, ``bench._time_round_robin``), the median over rounds is reported. Per row: seconds per
+round, ``measure.time_round_robin``), the median over rounds is reported. Per row: seconds per
 pass, latency per batch, examples/s, the FLOPs ratio of what it ran (from its own kept counts),
 ``speedup`` over the dense model of the same runtime and ``efficiency`` (speed-up x FLOPs ratio; 1.0:
 time falls as the FLOPs do), its score on these examples and its agreement with dynbert's hard
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import _progress, _time_round_robin, check_out, machine
+from .measure import check_out, machine, progress, time_round_robin
 from .console import print_table
 from .core import flops_per_example
 from .encoders import adapter_for
@@ -51,7 +51,7 @@ INPUTS = ("random", "dev")
 BATCH_SIZES = (1, 32)
 QUICK_EXAMPLES, QUICK_ROUNDS, BUDGET_S = 64, 3, 25.0
 """``quick``: the first 64 dev examples, 3 rounds. Otherwise every dev example and as many rounds as
-fit ``BUDGET_S`` seconds per batch size (``bench.MIN_ROUNDS`` to ``bench.MAX_ROUNDS``)."""
+fit ``BUDGET_S`` seconds per batch size (``measure.MIN_ROUNDS`` to ``measure.MAX_ROUNDS``)."""
 TARGETS = {32: 0.9, 1: 0.7}
 """Batch size: the efficiency pruned ONNX Runtime should reach against dense ONNX Runtime."""
 DENSE, PRUNED, PRUNED_INT8 = "dense", "pruned", "pruned int8"
@@ -117,7 +117,7 @@ def _runners(predictor, runtimes, folder: Path, console, started: float) -> dict
     runners = {}
     if "torch" in runtimes:
         plain = copy.deepcopy(gated.model)
-        plain.config._attn_implementation = "sdpa"
+        plain.config._attn_implementation = adapter_for(plain).plain_attention
         plain.eval()
         types = adapter_for(plain).has_token_types
         num_layers = gated.num_layers
@@ -133,11 +133,11 @@ def _runners(predictor, runtimes, folder: Path, console, started: float) -> dict
     if "onnxruntime" in runtimes:
         threads = torch.get_num_threads()  # the same cores for both runtimes
         for name, prune in ((DENSE, False), (PRUNED, True)):
-            _progress(console, started, f"exporting the {name} model to ONNX")
+            progress(console, started, f"exporting the {name} model to ONNX")
             onnx_path = folder / f"{name}-{ONNX_FILE}"
             write_onnx(exported_classifier(gated, prune=prune), predictor.tokenizer, onnx_path)
             runners[name, "onnxruntime"] = OnnxClassifier(onnx_path, threads)
-        _progress(console, started, "quantizing the pruned ONNX model to int8")
+        progress(console, started, "quantizing the pruned ONNX model to int8")
         quantize_int8(folder / f"{PRUNED}-{ONNX_FILE}", folder / ONNX_INT8_FILE)
         runners[PRUNED_INT8, "onnxruntime"] = OnnxClassifier(folder / ONNX_INT8_FILE, threads)
     return runners
@@ -167,8 +167,8 @@ def _bench(runners: dict, predictor, data, spec, *, batch_sizes, repeats, warmup
             return key, forward
 
         calls = [one_pass(key, runner) for key, runner in runners.items()]
-        _progress(console, started, f"timing batch {batch_size}: {len(batches)} batches, {len(calls)} models")
-        times, rounds = _time_round_robin(calls, device=torch.device("cpu"), warmup=warmup, repeats=repeats,
+        progress(console, started, f"timing batch {batch_size}: {len(batches)} batches, {len(calls)} models")
+        times, rounds = time_round_robin(calls, device=torch.device("cpu"), warmup=warmup, repeats=repeats,
                                           budget_s=BUDGET_S)
         rounds_used[str(batch_size)] = rounds
         seconds = {key: statistics.median(each) for key, each in zip(runners, times)}

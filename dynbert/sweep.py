@@ -4,8 +4,9 @@ The CLI side (`run_sweep`) reads the sweep config, hands Hydra its overrides in 
 (`python -m dynbert.sweep --multirun ...`: `@hydra.main` owns sys.argv, and Hydra's launchers,
 joblib or submitit, need its own multirun machinery), then summarises. Each job (`job`) is one
 `train(cfg)` in its own folder `<sweep>/<task>/<run_name>[-<key>=<value>...]`: the run name holds
-the method, its knob (λ or keep) and the seed, and every other swept key is appended, so two jobs never share a folder
-and re-running the sweep finds finished runs and skips them.
+the method, its knob (λ, keep or a FLOPs target) and the seed, and every other swept key of the run's
+identity (``rundir.run_identity``) is appended, so two jobs never share a folder and re-running the
+sweep finds finished runs and skips them.
 
 Signals: the sweep's jobs run in their own process group. Ctrl-C or SIGTERM on `dynbert sweep`
 is passed to that group as SIGTERM: running jobs checkpoint and stop, jobs not yet started do not
@@ -30,14 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from .config import knob_key
 from .console import print_table
+from .declarations import folder_keys, method_declaration, method_knob, method_names, run_knob
 from .errors import DynbertError, atomic_write_json, check_writable_folder, first_line
 
 _SWEEP_ID, _SWEEP_TOTAL, _SWEEP_PARENT = "DYNBERT_SWEEP_ID", "DYNBERT_SWEEP_TOTAL", "DYNBERT_SWEEP_PARENT"
 _SWEEP_DIR = "DYNBERT_SWEEP_DIR"
-NAMED_KEYS = ("task", "lambda", "seed", "method", "method.keep", "method.target", "output_dir")
-"""Swept keys the run folder already names (``<task>/<method>-<knob>-seed<seed>``)."""
 
 
 class SweepInterrupted(DynbertError):
@@ -102,11 +101,12 @@ def _key(line: str) -> str:
 def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]:
     """The sweep folder and the override lists of its multiruns: one per method, then the baseline.
 
-    Each method varies its own knob over its own values (``method.grid``: ``lambda=...`` for λ
-    methods, ``method.keep=...`` for the keep-schedule ones). A knob given on the command line or in
+    Each method varies its own knob over its own values (its YAML's ``knob`` and ``grid``: λ for the
+    λ methods, ``method.keep`` for the keep-schedule ones). A knob given on the command line or in
     ``sweep.params`` replaces those values for every method whose knob it is, and only for those. A
     ``method.*`` key goes to the methods whose config has it; any other key goes to every method.
-    The baseline (``method=none``, λ = 0) runs once per task and seed unless ``sweep.baseline=false``.
+    The baseline (each method whose YAML declares no knob: ``method=none``) runs once per task and
+    seed, at λ = 0, unless ``sweep.baseline=false``.
     """
     from .config import compose_config
 
@@ -118,8 +118,9 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
     cfg = compose_config(common + [line for line in plain if _key(line) == "method"])
     methods = _values(swept["method"]) if "method" in swept else [cfg.method.name]
     probes = {name: compose_config(common + [f"method={name}"]) for name in dict.fromkeys(methods)}
-    if cfg.sweep.baseline and "none" not in probes:
-        probes["none"] = compose_config(common + ["method=none"])
+    if cfg.sweep.baseline:
+        for name in _baselines():
+            probes.setdefault(name, compose_config(common + [f"method={name}"]))
     for key in given:
         if key != "method" and not any(_routes(key, probe, knob_owners) for name, probe in probes.items()
                                        if name in methods):
@@ -136,12 +137,13 @@ def plan_sweep(overrides: list[str]) -> tuple[Path, list[list[str]], DictConfig]
         for key, values in probe.sweep.params.items():
             if key not in given and _routes(key, probe, knob_owners):
                 grid[key] = f"{key}={values}"
-        knob = knob_key(probe.method)
+        knob = method_knob(probe.method)
         # A FLOPs target replaces the method's knob: its λ grid is not swept beside it.
-        targeted = "method.target" in grid or any(_key(line) == "method.target" for line in passed)
-        if knob is not None and knob not in given and knob not in grid and not targeted:
-            grid[knob] = str(probe.method.grid)
-        fixed = [f"method={name}"] + (["lambda=0"] if name == "none" else [])
+        targeted = ("method.target" in grid or any(_key(line) == "method.target" for line in passed)
+                    or probe.method.get("target") is not None)
+        if knob is not None and knob.key not in given and knob.key not in grid and not targeted:
+            grid[knob.key] = f"{knob.key}={','.join(str(value) for value in probe.method.grid)}"
+        fixed = [f"method={name}"] + (["lambda=0"] if knob is None else [])
         _check_values(passed + fixed, grid)
         # Each job names its folder after these keys (see `run_folder`).
         runs.append(passed + fixed + [f"sweep.swept_keys=[{','.join(sorted(grid))}]"] + list(grid.values()))
@@ -166,21 +168,25 @@ def _check_values(fixed: list[str], grid: dict[str, str]) -> None:
 
 
 def _knob_owners() -> dict[str, list[str]]:
-    """Each knob key (``lambda``, ``method.keep``) and the methods (conf/method/) whose knob it is."""
-    from .config import conf_dir
-
+    """Each knob key (``lambda``, ``method.keep``) and the methods whose YAML declares it their knob."""
     owners: dict[str, list[str]] = {}
-    for path in sorted((conf_dir() / "method").glob("*.yaml")):
-        knob = knob_key(OmegaConf.load(path))
+    for name in method_names():
+        knob = method_knob(method_declaration(name))
         if knob is not None:
-            owners.setdefault(knob, []).append(path.stem)
+            owners.setdefault(knob.key, []).append(name)
     return owners
+
+
+def _baselines() -> list[str]:
+    """The methods whose YAML declares no knob: they prune nothing, so a sweep runs them once."""
+    return [name for name in method_names() if method_knob(method_declaration(name)) is None]
 
 
 def _routes(key: str, probe: DictConfig, knob_owners: dict[str, list[str]]) -> bool:
     """Whether an override of ``key`` belongs to the jobs of the method ``probe`` was composed for."""
     if key in knob_owners:
-        return key == knob_key(probe.method)
+        knob = run_knob(probe)
+        return knob is not None and key == knob.key
     if key.startswith("method."):
         return OmegaConf.select(probe, key, default=_ABSENT) is not _ABSENT
     return True
@@ -208,9 +214,15 @@ def _values(line: str) -> list[str]:
 
 
 def run_folder(sweep_dir: Path, cfg: DictConfig, job_overrides: list[str]) -> Path:
-    """``<sweep>/<task>/<run_name>`` plus ``-<key>=<value>`` for each swept key the name lacks."""
+    """``<sweep>/<task>/<run_name>`` plus ``-<key>=<value>`` for each swept key the name does not show
+    (``declarations.folder_keys``) that is part of the run's identity (``rundir.run_identity``): jobs
+    that differ only in how they run would be one result, and share a folder."""
+    from .rundir import ignored
+
     given = {_key(line): line.split("=", 1)[1] for line in job_overrides if "=" in line}
-    extra = [f"-{key}={_slug(given[key])}" for key in cfg.sweep.swept_keys if key not in NAMED_KEYS and key in given]
+    shown = folder_keys(cfg)
+    extra = [f"-{key}={_slug(given[key])}" for key in cfg.sweep.swept_keys
+             if key in given and key not in shown and not ignored(key)]
     return Path(sweep_dir) / cfg.task.name / (cfg.run_name + "".join(extra))
 
 
@@ -229,7 +241,7 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
     run_dirs = [run_dir for run_dir, _ in plan_jobs(folder, multiruns)]  # a bad job or a shared folder fails now
     total = len(run_dirs)
     console.print(f"sweep: {total} runs into {folder}")
-    from .config import conf_dir
+    from .config import conf_dir, search_path_overrides
 
     env = dict(os.environ, **{_SWEEP_ID: sweep_id, _SWEEP_TOTAL: str(total), _SWEEP_PARENT: str(os.getpid()),
                               _SWEEP_DIR: str(folder)})
@@ -240,7 +252,8 @@ def run_sweep(overrides: list[str], console: Console) -> tuple[Path, int]:
         # environment: as an override, Hydra's grammar would refuse a name with non-ASCII characters.
         command = [sys.executable, "-m", "dynbert.sweep", "--multirun", "--config-dir", str(conf_dir()),
                    "--config-name", "config", f"hydra.sweep.dir=${{oc.env:{_SWEEP_DIR}}}", "hydra.sweep.subdir=.",
-                   "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none", *runs]
+                   "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+                   *search_path_overrides(), *runs]
         stopped = _run_in_own_group(command, env)
         if stopped is not None:
             break
@@ -325,8 +338,9 @@ def _summarize(folder: Path, sweep_id: str, run_dirs: list[Path], console: Conso
         holder = RunLock(run_dir).holder_message()
         if metrics is not None:
             row.update(status="completed by another process", score=metrics["score"],
-                       flops_ratio=metrics["flops_ratio"], method=metrics.get("method", ""),
-                       knob=format_knob(metrics.get("knob"), metrics.get("knob_value")), seed=metrics["seed"])
+                       flops_ratio=metrics["flops_ratio"], method=metrics["method"],
+                       knob=format_knob(metrics["method"], metrics["knob"], metrics["knob_value"]),
+                       seed=metrics["seed"])
         elif holder is not None:
             row.update(status="in use by another process", error=holder)
         elif stopped:
@@ -357,6 +371,7 @@ def job(cfg: DictConfig) -> str:
 
     from . import stop
     from .config import validate
+    from .report import format_knob
     from .rundir import (STATUS_FILE, RunFolderBusy, RunLock, differing_keys, load_run_config,
                          read_complete_metrics, take_ownership)
     from .train import TrainingInterrupted, train
@@ -371,9 +386,11 @@ def job(cfg: DictConfig) -> str:
     status = dict(sweep_id=os.environ.get(_SWEEP_ID), task=cfg.task.name, method=cfg.method.name,
                   seed=cfg.seed, run_dir=str(run_dir))
     status["lambda"] = float(cfg["lambda"])
-    status["knob"] = str(cfg.method.knob)
+    knob = run_knob(cfg)
+    status["knob"] = format_knob(cfg.method.name, None if knob is None else knob.key,
+                                 None if knob is None else OmegaConf.select(cfg, knob.key))
     console = Console(stderr=True)
-    label = f"{cfg.task.name} {cfg.method.name} {cfg.method.knob} seed={cfg.seed} ({run_dir.name})"
+    label = f"{cfg.task.name} {run_dir.name}"
     holder = RunLock(run_dir).holder_message()
     if holder is not None:  # another process's run: write nothing there (the summary looks at it at the end)
         console.print(f"[yellow]in use[/]: {label}: {holder}")

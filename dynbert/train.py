@@ -3,7 +3,7 @@
 The loop follows HF ``run_glue_no_trainer.py``: Accelerate places the model and batches (CUDA,
 MPS or CPU; several GPUs with ``accelerate launch``), runs mixed precision (bf16 or fp16 with loss
 scaling) and leaves the loop in plain sight. The run folder (``rundir.py``), the batches
-(``data.py``) and evaluation (``evaluate.py``) live beside it.
+(``data.py``), the optimizer step (``loop.py``) and evaluation (``evaluate.py``) live beside it.
 """
 
 from __future__ import annotations
@@ -19,21 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.nn import functional as F
 
-from . import __version__, stop
-from .config import knob_key
-from .core import GatedModel, GatedOutput, RegularizerParts
-from .data import Batch, Encoded, collate, encode, epoch_batches, load_splits
+from . import stop
+from .core import GatedModel
+from .data import Encoded, collate, encode, epoch_batches, load_splits
+from .declarations import knob_active, method_knob, run_knob
 from .errors import DynbertError, atomic_write_json
 from .evaluate import evaluate, run_warnings
-from .modeling import build_model, load_model, make_gated_model, save_model
+from .loop import NotFinite, make_accelerator, make_optimizer, make_scheduler, train_step
+from .modeling import build_model, make_gated_model, save_model
 from .rundir import (CHECKPOINT_FILE, CHECKPOINT_SUM_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
-                     load_checkpoint, load_run_config, read_complete_metrics, save_checkpoint)
+                     load_checkpoint, read_complete_metrics, save_checkpoint)
 from .tasks import TaskSpec, all_texts, get_task
-
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-"""train.precision -> Accelerate's mixed_precision."""
+from .version import __version__
 
 
 class TrainingInterrupted(DynbertError):
@@ -71,26 +69,6 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def make_accelerator(tcfg: DictConfig):
-    """Accelerate for ``train.device`` and ``train.precision``, or one sentence on why not."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    device, precision = tcfg.device, tcfg.precision
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DynbertError("train.device=cuda but no CUDA GPU is visible: pass train.device=auto or cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise DynbertError("train.device=mps but MPS is not available here: pass train.device=auto or cpu")
-    on_gpu = device in ("cuda", "auto") and torch.cuda.is_available()
-    if precision == "fp16" and not on_gpu:
-        raise DynbertError("train.precision=fp16 needs a CUDA GPU (loss scaling): pass train.precision=bf16 "
-                           "or fp32 on this machine")
-    # Accelerate keeps one precision per process; a process that trains several runs (tests, a
-    # sequential sweep) starts each from a clean slate. The distributed state is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=device == "cpu", mixed_precision=PRECISIONS[precision])
-
-
 def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     main = accelerator.is_main_process
     logger = _file_logger(run_dir / LOG_FILE) if main else logging.getLogger("dynbert.worker")
@@ -116,20 +94,22 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
         metrics = evaluate(gated, encoded, spec, cfg.train.eval_batch_size, accelerator.autocast)
         save_model(gated, tokenizer, run_dir / MODEL_DIR)
         lam = float(cfg["lambda"])
-        metrics.update(task=spec.name, method=cfg.method.name, baseline=cfg.method.name == "none", seed=cfg.seed,
+        # A method without a knob prunes nothing: the un-pruned baseline.
+        metrics.update(task=spec.name, method=cfg.method.name, baseline=method_knob(cfg.method) is None, seed=cfg.seed,
                        version=__version__, train_seconds=round(state.seconds, 2), steps=state.step,
                        run_dir=str(run_dir), score_name=cfg.method.get("score"), precision=cfg.train.precision,
                        device=str(accelerator.device), model=cfg.model.name, commit=source_commit())
         metrics["lambda"] = lam
-        # What the report groups and labels runs by: the method's knob (None for the baseline).
-        knob = knob_key(cfg.method)
-        metrics["knob"] = knob
-        metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob))
+        # What the report groups and labels runs by: the run's knob (a target, or its method's; None for
+        # the baseline).
+        knob = run_knob(cfg)
+        metrics["knob"] = None if knob is None else knob.key
+        metrics["knob_value"] = None if knob is None else float(OmegaConf.select(cfg, knob.key))
         # A FLOPs target, and the multiplier learned to reach it (what λ would have had to be).
         metrics["target"] = cfg.method.get("target")
         flops_target = gated.method.flops_target
         metrics["multiplier"] = None if flops_target is None else flops_target.multiplier
-        metrics["warnings"] = run_warnings(metrics, lam, gated.method)
+        metrics["warnings"] = run_warnings(metrics, knob_active(cfg), gated.method)
         atomic_write_json(run_dir / METRICS_FILE, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         (run_dir / CHECKPOINT_SUM_FILE).unlink(missing_ok=True)
@@ -157,11 +137,11 @@ def source_commit() -> str | None:
 
 
 def load_run(run_dir: Path) -> GatedModel:
-    """The trained, pruned model of a finished run folder (its decisions are exactly 0/1)."""
-    run_dir = Path(run_dir).expanduser()
-    cfg = load_run_config(run_dir)
-    gated, _ = load_model(run_dir / MODEL_DIR, cfg.method, cfg.task.max_length)
-    return gated
+    """A finished run's pruned model (its decisions exactly 0/1), on the CPU: ``predictor.load``'s, the one
+    run loader, for callers that want the model alone."""
+    from .predictor import load
+
+    return load(run_dir, "cpu").gated
 
 
 def _file_logger(path: Path) -> logging.Logger:
@@ -173,58 +153,6 @@ def _file_logger(path: Path) -> logging.Logger:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return logger
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer and schedules
-
-
-def _optimizer(gated: GatedModel, cfg: DictConfig) -> tuple[torch.optim.Optimizer, list]:
-    """AdamW: the encoder at train.lr with weight decay (not on biases and norms, as its adapter
-    names them); the method's own parameters at the rates and schedules it asks for.
-
-    Returns the optimizer and each group's lr schedule, a factor of ``(step, total_steps)``.
-    """
-    decay, no_decay = [], []
-    for name, param in gated.model.named_parameters():
-        (no_decay if gated.encoder.no_decay(name) else decay).append(param)
-    groups = [dict(params=decay, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
-              dict(params=no_decay, lr=cfg.train.lr, weight_decay=0.0)]
-    schedules = [None, None]
-    for group in gated.method.param_groups():
-        schedules.append(group.pop("schedule"))
-        groups.append(group)
-    return torch.optim.AdamW(groups), schedules
-
-
-def _scheduler(optimizer, schedules: list, total_steps: int, warmup_ratio: float):
-    """The encoder: linear warm-up then linear decay. The method's groups: their own schedules."""
-    warmup = int(warmup_ratio * total_steps)
-
-    def encoder(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    lambdas = [encoder if schedule is None else (lambda step, s=schedule: s(step, total_steps))
-               for schedule in schedules]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, spec: TaskSpec) -> torch.Tensor:
-    if spec.is_regression:
-        return F.mse_loss(logits.squeeze(-1).float(), labels)
-    return F.cross_entropy(logits.float(), labels)
-
-
-def distillation_loss(logits: torch.Tensor, teacher: torch.Tensor, spec: TaskSpec, temperature: float) -> torch.Tensor:
-    """How far the pruned model's outputs are from the un-pruned model's (Hinton et al.: KL between
-    temperature-softened distributions, times T², so its gradients keep their scale; MSE for STS-B)."""
-    if spec.is_regression:
-        return F.mse_loss(logits.float(), teacher.float())
-    log_student = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
-    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +176,8 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps:
         total_steps = min(total_steps, tcfg.max_steps)
-    optimizer, schedules = _optimizer(gated, cfg)
-    scheduler = _scheduler(optimizer, schedules, total_steps, tcfg.warmup_ratio)
+    optimizer, schedules = make_optimizer(gated, cfg)
+    scheduler = make_scheduler(optimizer, schedules, total_steps, tcfg.warmup_ratio)
     checkpoint = run_dir / CHECKPOINT_FILE
     state, rng = LoopState(), None
     if checkpoint.is_file():
@@ -257,7 +185,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         logger.info("resumed from step %d", state.step)
         console.print(f"resuming {run_dir} from step {state.step}")
     method = gated.method  # the same module whether or not Accelerate wraps the model
-    schedule_warning = method.schedule_warning(total_steps) if method.knob_active(float(cfg["lambda"])) else None
+    schedule_warning = method.schedule_warning(total_steps) if knob_active(cfg) else None
     if schedule_warning and accelerator.is_main_process:
         console.print(f"[yellow]warning:[/] {schedule_warning}", highlight=False, soft_wrap=True)
         logger.warning(schedule_warning)
@@ -300,7 +228,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
         # (after the optimizer step, before the step counter moves), it would checkpoint updated
         # weights under the old step, and the resumed run would take that step twice.
         with stop.deferred(), progress:
-            bar = progress.add_task(f"{spec.name} {cfg.method.name} {cfg.method.knob}", total=total_steps, completed=state.step, stats="")
+            bar = progress.add_task(f"{spec.name} {cfg.run_name}", total=total_steps, completed=state.step, stats="")
             while True:  # a stop in the last step, too, takes effect before the evaluation
                 if stop.requested() is not None:
                     raise stop.Interrupted(stop.requested())
@@ -339,60 +267,6 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                                   exit_code=128 + signum) from None
     state.seconds = seconds_before + time.perf_counter() - started
     return state
-
-
-class NotFinite(DynbertError):
-    """A loss or gradient that is not finite: the step stopped before it reached the weights."""
-
-    def __init__(self, what: str, detail: str):
-        super().__init__(f"{what} is not finite ({detail})")
-        self.what, self.detail = what, detail
-
-
-def train_step(model, gated: GatedModel, micro_batches: list[Batch], step: int, total_steps: int,
-               cfg: DictConfig, spec: TaskSpec, optimizer, scheduler,
-               accelerator) -> tuple[torch.Tensor, RegularizerParts | None, GatedOutput]:
-    """One optimizer step, what `fit` and `dynbert bench --train` both run: for each micro-batch the
-    forward, the task loss plus the method's regularizer, and the backward; then clipping, AdamW,
-    the lr schedule and the method's projection.
-
-    ``model`` is ``gated`` as ``accelerator.prepare`` returned it (perhaps wrapped): the method and
-    the parameters to clip are read from ``gated``, whichever it is (the bench passes plain HF models
-    in a wrapper with the same ``model``, ``method`` and call). Returns the last micro-batch's task
-    loss, regularizer parts and output; raises ``NotFinite`` before a bad step changes a weight.
-    """
-    method, lam = gated.method, float(cfg["lambda"])
-    method.begin_step(step, total_steps)
-    for micro, batch in enumerate(micro_batches):
-        last = micro == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            with accelerator.autocast():
-                out = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-            loss_task = task_loss(out.logits, batch.labels, spec)
-            if cfg.train.distill > 0:  # learn the un-pruned model's outputs too (detached)
-                with torch.no_grad(), accelerator.autocast():
-                    teacher = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, prune=False).logits
-                weight = cfg.train.distill
-                loss_task = ((1 - weight) * loss_task
-                             + weight * distillation_loss(out.logits, teacher, spec, cfg.train.distill_temperature))
-            parts = method.regularizer(out, lam, step, total_steps)
-            loss = loss_task if parts is None else loss_task + parts.total
-            if not torch.isfinite(loss):
-                detail = f"task {loss_task.item():.4g}"
-                if parts is not None:
-                    detail += f", sparsity {parts.sparsity.item():.4g}, bimodal {parts.bimodal.item():.4g}"
-                raise NotFinite("loss", detail)
-            accelerator.backward(loss / len(micro_batches))
-    grad_norm = accelerator.clip_grad_norm_(gated.model.parameters(), cfg.train.max_grad_norm)
-    # A finite loss can still have an infinite gradient: stop before it reaches the weights (and the
-    # next checkpoint). With fp16 loss scaling, the scaler skips such steps itself.
-    if not torch.isfinite(grad_norm) and cfg.train.precision != "fp16":
-        raise NotFinite("the gradient", f"norm {grad_norm.item():.4g}, loss {loss.item():.4g}")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    method.after_step()
-    return loss_task, parts, out
 
 
 def _step_batch(data: Encoded, cfg: DictConfig, batch_number: int, cache: dict) -> list[int]:

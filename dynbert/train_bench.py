@@ -1,8 +1,8 @@
 """Training benchmark: how fast the training loop runs, and what gates, length grouping and bf16 change.
 
-``dynbert bench --train`` times the loop's own optimizer step (``train.train_step``: forward, task
+``dynbert bench --train`` times the loop's own optimizer step (``loop.train_step``: forward, task
 loss plus the method's regularizer, backward, clipping, AdamW, the lr schedule, with the loop's
-``_optimizer``, ``_scheduler`` and ``task_loss``) on real data, in four settings over the same
+``make_optimizer``, ``make_scheduler`` and ``task_loss``) on real data, in four settings over the same
 examples:
 
 - ``plain``: the family's own HF ``*ForSequenceClassification`` (sdpa attention, no pruning) in
@@ -45,16 +45,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynbert.bench import check_out, machine, resolve_device, synchronize
 from dynbert.config import compose_config
 from dynbert.console import print_table
 from dynbert.data import GROUP_CHUNK_BATCHES, collate, encode, epoch_batches, load_splits
 from dynbert.encoders import adapter_for
 from dynbert.errors import DynbertError, atomic_write_json
-from dynbert.methods import NoPruning
+from dynbert.loop import make_accelerator, make_optimizer, make_scheduler, train_step
+from dynbert.measure import check_out, machine, progress, resolve_device, synchronize
+from dynbert.methods import registered
 from dynbert.modeling import build_model, make_gated_model
 from dynbert.tasks import TASKS, all_texts, get_task
-from dynbert.train import _optimizer, _scheduler, make_accelerator, train_step
 
 TRAIN_BENCH_FILE = "train_bench.json"
 
@@ -81,16 +81,17 @@ QUICK = dict(steps=4, rounds=3, warmup=1)
 
 
 class PlainClassifier(nn.Module):
-    """HF's own classifier (sdpa attention, no pruning) with what ``train.train_step`` reads of a
-    ``GatedModel``: ``model``, ``encoder`` (which weights decay), ``method`` (none: no regularizer)
-    and the call ``(input_ids, attention_mask, token_type_ids) -> output with .logits``."""
+    """HF's own classifier (sdpa attention where the family has it, no pruning) with what
+    ``loop.train_step`` reads of a ``GatedModel``: ``model``, ``encoder`` (which weights decay),
+    ``method`` (none: no regularizer) and the call ``(input_ids, attention_mask, token_type_ids) ->
+    output with .logits``."""
 
     def __init__(self, model: nn.Module, max_length: int):
         super().__init__()
-        model.config._attn_implementation = "sdpa"
-        self.model = model
         self.encoder = adapter_for(model)
-        self.method = NoPruning([], max_length)
+        model.config._attn_implementation = self.encoder.plain_attention
+        self.model = model
+        self.method = registered("none")([], max_length)  # the un-pruned baseline: no regularizer
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
@@ -168,7 +169,7 @@ def _bench(cfg, preset: dict, device: torch.device, console) -> dict:
 
     rows = []
     for setting in SETTINGS:
-        _progress(console, started, f"{setting.name}: {preset['warmup']} warm-up steps, then {preset['rounds']} "
+        progress(console, started, f"{setting.name}: {preset['warmup']} warm-up steps, then {preset['rounds']} "
                                     f"passes of {steps} steps")
         order = epoch_batches(encoded.lengths, batch_size, cfg.seed, 0, setting.grouped)
         batches = [collate(encoded, indices) for indices in order]
@@ -200,8 +201,8 @@ def _time_setting(setting: Setting, cfg, spec, weights: nn.Module, batches: list
     trainee = (make_gated_model(weights, cfg.method, cfg.task.max_length) if setting.gated
                else PlainClassifier(weights, cfg.task.max_length))
     total_steps = preset["warmup"] + preset["rounds"] * len(batches)
-    optimizer, schedules = _optimizer(trainee, cfg)
-    scheduler = _scheduler(optimizer, schedules, total_steps, cfg.train.warmup_ratio)
+    optimizer, schedules = make_optimizer(trainee, cfg)
+    scheduler = make_scheduler(optimizer, schedules, total_steps, cfg.train.warmup_ratio)
     model, optimizer = accelerator.prepare(trainee, optimizer)
     model.train()
     batches = [batch.to(accelerator.device) for batch in batches]
@@ -223,10 +224,6 @@ def _time_setting(setting: Setting, cfg, spec, weights: nn.Module, batches: list
         synchronize(device)
         seconds.append(time.perf_counter() - begin)
     return seconds
-
-
-def _progress(console, started: float, message: str) -> None:
-    console.print(f"[dim]{time.perf_counter() - started:6.0f} s  {message}[/dim]")
 
 
 def _print_table(console, result: dict) -> None:

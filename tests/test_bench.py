@@ -11,13 +11,14 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import dynbert.bench as bench
-import dynbert.train
+import dynbert.loop
 import dynbert.train_bench as train_bench
-from dynbert.bench import BENCH_FILE, keep_counts, result_path, run_bench, schedule_method
+from dynbert.bench import BENCH_FILE, run_bench, schedule_method
 from dynbert.core import GatedModel, TokenPruner
 from dynbert.encoders import supported_model_types
 from dynbert.errors import DynbertError
-from dynbert.methods import NoPruning
+from dynbert.measure import result_path
+from dynbert.methods import registered
 from dynbert.train_bench import SETTINGS, TRAIN_BENCH_FILE
 
 from helpers import FAST, SYNTHETIC, gated_bert, invoke, read_json
@@ -94,12 +95,15 @@ def test_keep50_is_also_benched_with_cls_attention(quick):
 
 
 def test_keep_counts_and_schedule_method():
+    def keep_counts(schedule, layers, num_layers, seq_len):  # tokens each pruned layer keeps of seq_len
+        return schedule_method(schedule, layers, num_layers, 32, "attention_received").counts[:, seq_len].tolist()
+
     assert keep_counts("keep50", [0, 1], 2, 31) == [16, 31]
     assert keep_counts("power", [1, 3], 4, 20) == [math.ceil(0.15 ** 0.5 * 20), 3]
     assert keep_counts("full", [0, 1, 2], 3, 9) == [9, 9, 9]
-    method = schedule_method("keep30", [0, 1], 2, max_length=32, seq_len=20, score="cls_attention")
-    assert method.score == "cls_attention"
-    assert method.gates().sum(dim=1).tolist() == [6, 20]  # 0/1 gates: the first k ranks open
+    method = schedule_method("keep30", [0, 1], 2, max_length=32, score="cls_attention")
+    assert method.score == "cls_attention" and method.name == "schedule"
+    assert method.counts[:, 20].tolist() == [6, 20]  # a 20-token input: the first layer keeps ⌈0.3·20⌉
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def _check_learned(result, run: GatedModel, expected_kept: list[int]) -> None:
     assert learned["score"] == run.method.score
     assert learned["flops_ratio_measured"] == pytest.approx(learned["flops_ratio_analytic"], rel=0.01)
     assert result["model"]["method"] == run.method.name and result["model"]["source"] == "run"
-    # Fixed schedules ran the gates method on the run's weights and pruned layers.
+    # Fixed schedules ran on the run's weights and pruned layers.
     keep50 = _rows(result, schedule="keep50", mode="gather", score=run.method.score)[0]
     assert keep50["kept_per_layer"][0] == 16
 
@@ -151,7 +155,7 @@ class KeepFirstTokens(TokenPruner):
         super().__init__(layers, max_length)
         self.keep = keep
 
-    def token_weights(self, values, row, tokens, hard):
+    def keep_weights(self, state, row, tokens, hard):
         return (tokens.positions < self.keep[row]).float()
 
 
@@ -163,7 +167,7 @@ def test_learned_schedule_of_another_method_runs_that_method(tmp_path):
 
 
 def test_a_run_without_pruning_is_refused(tmp_path):
-    ungated = GatedModel(_tiny_bert(), NoPruning([], 32))
+    ungated = GatedModel(_tiny_bert(), registered("none")([], 32))
     with pytest.raises(DynbertError, match="prunes no layer"):
         run_bench(quick=True, run=ungated, out=tmp_path)
 
@@ -263,9 +267,9 @@ def test_cli_mistakes_are_one_line_and_write_nothing(tmp_path, monkeypatch, args
 
 
 def test_out_path_rule(tmp_path):
-    assert result_path(tmp_path) == tmp_path / BENCH_FILE
+    assert result_path(tmp_path, BENCH_FILE) == tmp_path / BENCH_FILE
     assert result_path(tmp_path, TRAIN_BENCH_FILE) == tmp_path / TRAIN_BENCH_FILE
-    assert result_path(tmp_path / "b.json") == tmp_path / "b.json"
+    assert result_path(tmp_path / "b.json", BENCH_FILE) == tmp_path / "b.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def test_out_path_rule(tmp_path):
 
 def test_train_bench_times_the_loops_own_step_in_four_settings(tmp_path, monkeypatch):
     steps = []
-    real_step = dynbert.train.train_step
+    real_step = dynbert.loop.train_step
     assert train_bench.train_step is real_step  # the loop's step, not a copy
 
     def counted(model, gated, *args):

@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dynbert.core import GatedModel, baseline_kept, count_matmul_flops, flops_per_example
 from dynbert.encoders import EncoderDims
-from dynbert.methods.gates import TokenGates, bimodal_weight, gate_regularizer, layer_weights
+from dynbert.methods.gates import TokenGates, bimodal_weight, depth_weights, gate_regularizer
 
 from helpers import gated_bert
 
@@ -108,8 +108,8 @@ def test_open_gates_match_hf_forward(reference_attn, score):
 
 def test_wrapped_model_hf_forward_still_masks_padding():
     """GatedModel switches the wrapped model's config to the "dynbert" kernel, so HF's own forward of
-    `gated.model` must still mask pads. (Fails at the time of writing: transformers builds no mask
-    for an attention implementation with no registered mask function, so pads are attended.)"""
+    `gated.model` must still mask pads: transformers builds no mask for an attention implementation
+    without a registered mask function (core registers sdpa's for "dynbert"), and pads would be attended."""
     model = make_bert(seed=2)
     reference = copy.deepcopy(model)
     gated = gated_bert(model, MAX_LENGTH)
@@ -180,9 +180,8 @@ def test_closed_gate_removes_a_heavily_attended_key_as_gathering_does(seed):
     """A gate of exactly 0 must remove its token as a key in later layers, as gathering does,
     also when that token drew most of the attention (peaked attention, as in a trained BERT).
 
-    (Fails at the time of writing for seeds 0 and 2: a closed key gets log(1e-6) added to its
-    logits, not a block, so it still takes 1e-6 * exp(logit gap) of the attention; seed 2 gives
-    logits 0.06 apart with exact 0/1 gates.)"""
+    A closed key with only log(1e-6) added to its logits, not blocked, still takes 1e-6 * exp(logit
+    gap) of the attention: seeds 0 and 2 gave logits up to 0.06 apart with exact 0/1 gates."""
     gated = gated_bert(make_bert(seed=seed, init=0.5), MAX_LENGTH).eval()
     with torch.no_grad():
         gated.method.gates.raw[0, 1] = 0.0  # layer 0 drops its most-attended token; every other gate is 1
@@ -242,9 +241,8 @@ def test_gathered_hidden_states_are_shorter(score, gate_layers):
 
 def test_hard_mode_drops_pure_padding_before_layer_0():
     """Inputs padded wider than their longest example (e.g. a tokenizer's padding="max_length")
-    should enter layer 0 at the longest real length, since FLOPs are counted on real tokens.
-
-    (Fails at the time of writing: layer 0 runs on the full padded width, 16 here, not 12.)"""
+    should enter layer 0 at the longest real length, since FLOPs are counted on real tokens (12 here,
+    not the padded width, 16)."""
     torch.manual_seed(0)
     gated = gated_bert(make_bert(seed=5), MAX_LENGTH).eval()
     close_ranks_from(gated, [7, 4, 2])
@@ -345,10 +343,10 @@ def test_bimodal_gradient_pushes_gates_to_the_nearest_mode():
 
 def test_sparsity_grows_with_lambda_and_with_depth():
     gates = _gates_with(0.6)
-    weights = layer_weights([0, 1, 2], 3, "linear")
+    weights = depth_weights([0, 1, 2], 3, "linear")
     assert torch.allclose(weights, torch.tensor([1 / 3, 2 / 3, 1.0]))
-    assert torch.allclose(layer_weights([1], 3, "linear"), torch.tensor([2 / 3]))
-    assert torch.equal(layer_weights([0, 2], 3, "none"), torch.ones(2))
+    assert torch.allclose(depth_weights([1], 3, "linear"), torch.tensor([2 / 3]))
+    assert torch.equal(depth_weights([0, 2], 3, "none"), torch.ones(2))
     sparsity = [float(gate_regularizer(gates, weights, lam, 0.0).sparsity) for lam in (0.0, 0.1, 1.0, 3.0)]
     assert sparsity[0] == 0 and sparsity == sorted(sparsity) and len(set(sparsity)) == 4
     assert gate_regularizer(gates, weights, 1.0, 0.0).sparsity == pytest.approx(0.6 * (1 / 3 + 2 / 3 + 1))
@@ -356,13 +354,13 @@ def test_sparsity_grows_with_lambda_and_with_depth():
     grad = {}
     for weighting in ("linear", "none"):
         leaf = gates.clone().requires_grad_(True)
-        gate_regularizer(leaf, layer_weights([0, 1, 2], 3, weighting), 1.0, 0.0).sparsity.backward()
+        gate_regularizer(leaf, depth_weights([0, 1, 2], 3, weighting), 1.0, 0.0).sparsity.backward()
         grad[weighting] = leaf.grad[:, 1:].mean(dim=1)
         assert (leaf.grad[:, 0] == 0).all()
     assert grad["linear"][0] < grad["linear"][1] < grad["linear"][2]  # deeper pays more per gate
     assert torch.allclose(grad["none"], grad["none"][0].expand(3))
     with pytest.raises(ValueError, match="cubic"):
-        layer_weights([0], 3, "cubic")
+        depth_weights([0], 3, "cubic")
 
 
 def test_bimodal_weight_schedules():
@@ -475,13 +473,13 @@ def test_regularizer_alone_reaches_the_gates(parametrization, raw):
     gates = TokenGates(3, MAX_LENGTH, parametrization)
     with torch.no_grad():
         gates.raw.fill_(raw)  # raw = 1.0 is the clip init: the boundary must still pass gradient
-    gate_regularizer(gates(), layer_weights([0, 1, 2], 3), lam=0.5, mu=0.0).total.backward()
+    gate_regularizer(gates(), depth_weights([0, 1, 2], 3), lam=0.5, mu=0.0).total.backward()
     assert (gates.raw.grad[:, 1:] > 0).all(), "sparsity must push every free gate down"
     assert (gates.raw.grad[:, 0] == 0).all()
     gates.raw.grad = None
     with torch.no_grad():
         gates.raw.fill_(0.3 if parametrization == "clip" else -0.5)
-    gate_regularizer(gates(), layer_weights([0, 1, 2], 3), lam=0.0, mu=1.0).total.backward()
+    gate_regularizer(gates(), depth_weights([0, 1, 2], 3), lam=0.0, mu=1.0).total.backward()
     assert (gates.raw.grad[:, 1:] > 0).all(), "below 0.5 the bi-modal term pushes gates down"
 
 

@@ -1,5 +1,5 @@
 """Every encoder family through the same checks: BERT, RoBERTa, DistilBERT, ELECTRA (and ELECTRA-small's
-embedding projection).
+embedding projection), MPNet (a relative position bias, eager attention only).
 
 A family is one row of FAMILIES; a pruning method one row of DROP_SOME. Models are random and tiny
 (hidden 32, 3 layers, 2 heads, 16 positions), built with ``encoders.random_model``; tokenizers are
@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import pre_tokenizers
 from transformers import (AutoConfig, BertForMaskedLM, BertTokenizer, DistilBertForMaskedLM, DistilBertTokenizer,
-                          ElectraForPreTraining, GPT2Config, GPT2Model, RobertaForMaskedLM, RobertaTokenizer)
+                          ElectraForPreTraining, GPT2Config, GPT2Model, MPNetForMaskedLM, MPNetTokenizer,
+                          RobertaForMaskedLM, RobertaTokenizer)
 
 import dynbert.train as train_module
 from dynbert.config import compose_config
@@ -33,7 +34,7 @@ from dynbert.tasks import Example, get_task
 from dynbert.train import load_run
 
 from glue_data import write_glue_run_folder
-from helpers import invoke, read_json, snapshot
+from helpers import FAST, SYNTHETIC, invoke, read_json, snapshot
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, POSITIONS, LABELS = 32, 64, 3, 2, 16, 3
 LENGTHS = (12, 9, 5, 3)  # a padded batch of mixed lengths
@@ -52,6 +53,8 @@ class Family:
     pretraining_class: type
     """The class of the family's checkpoints on the hub (masked LM, ELECTRA's discriminator)."""
     config: dict = field(default_factory=dict)
+    attentions: tuple[str, ...] = ("sdpa", "eager")
+    """The attention implementations transformers has for the family (the first is its default here)."""
 
 
 FAMILIES = {
@@ -62,6 +65,7 @@ FAMILIES = {
     "electra": Family("electra", "electra-base-discriminator", BertTokenizer, "electra", ElectraForPreTraining),
     "electra-small": Family("electra", "electra-base-discriminator", BertTokenizer, "electra", ElectraForPreTraining,
                             config=dict(embedding_size=16)),  # embeds in 16 dimensions, projects to 32
+    "mpnet": Family("mpnet", "mpnet-base", MPNetTokenizer, "mpnet", MPNetForMaskedLM, attentions=("eager",)),
 }
 
 
@@ -73,15 +77,21 @@ DROP_SOME = {
 }
 
 
-def make_model(name: str, seed: int = 0, attn: str = "sdpa", init: float = 0.1, vocab_size: int = 100,
+def make_model(name: str, seed: int = 0, attn: str | None = None, init: float = 0.1, vocab_size: int = 100,
                positions: int = POSITIONS):
-    """A random classifier of the family; weights wider than the usual 0.02 keep token scores apart."""
+    """A random classifier of the family; weights wider than the usual 0.02 keep token scores apart.
+    ``attn``: its attention implementation (default: the family's first, sdpa where it has one)."""
     torch.manual_seed(seed)
     model = random_model(FAMILIES[name].model_type, hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                          intermediate_size=INTERMEDIATE, vocab_size=vocab_size, max_positions=positions,
-                         num_labels=LABELS, initializer_range=init, attn_implementation=attn,
-                         **FAMILIES[name].config)
+                         num_labels=LABELS, initializer_range=init,
+                         attn_implementation=attn or FAMILIES[name].attentions[0], **FAMILIES[name].config)
     return model.eval()
+
+
+def require_attention(name: str, attn: str) -> None:
+    if attn not in FAMILIES[name].attentions:
+        pytest.skip(f"transformers has no {attn} attention for {FAMILIES[name].model_type}")
 
 
 @functools.lru_cache
@@ -127,11 +137,13 @@ def hf_inputs(gated, input_ids, attention_mask, token_type_ids) -> dict:
 @pytest.mark.parametrize("reference_attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_nothing_pruned_matches_the_familys_own_forward(name, reference_attn, score):
+    require_attention(name, reference_attn)
     model = make_model(name, seed=1)
     reference = copy.deepcopy(model)
     reference.config._attn_implementation = reference_attn
     gated = pruned(model, score=score)
-    assert model.config._attn_implementation == "dynbert" and reference.config._attn_implementation == reference_attn
+    assert model.config._attn_implementation == gated.encoder.gated_attention
+    assert reference.config._attn_implementation == reference_attn
     batch = make_batch(model, seed=1)
     with torch.no_grad():
         expected = reference(**hf_inputs(gated, *batch)).logits
@@ -155,6 +167,49 @@ def test_hard_equals_soft_with_binary_decisions(name, method, score):
     assert (hard.kept < hard.num_tokens[:, None]).any(), "nothing was dropped: the check would be empty"
     assert torch.equal(soft.kept, hard.kept) and torch.equal(soft.present, hard.present)
     assert (soft.logits - hard.logits).abs().max() <= 1e-4
+
+
+# The peer methods, set as tests/test_methods.py sets them to drop part of most inputs of LENGTHS.
+PEERS = {"power_bert": {}, "ltp": {"threshold": 0.1}, "topk": {"keep": 0.4}, "random": {"keep": 0.4}}
+
+
+@pytest.mark.parametrize("method", PEERS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hard_equals_soft_for_every_peer_method(name, method):
+    gated = pruned(make_model(name, seed=6), method, **PEERS[method])
+    with torch.no_grad():
+        if method == "power_bert":  # retention weights around 0.5: k_l near half the ranks
+            raw = gated.method.retention_weights.raw
+            raw.copy_(torch.rand(raw.shape, generator=torch.Generator().manual_seed(6)))
+        gated.method.harden_()
+        batch = make_batch(gated.model, seed=6)
+        soft = gated(*batch, hard=False)
+        hard = gated(*batch, hard=True)
+    assert (hard.kept < hard.num_tokens[:, None]).any(), "nothing was dropped: the check would be empty"
+    assert torch.equal(soft.kept, hard.kept) and torch.equal(soft.present, hard.present)
+    assert (soft.logits - hard.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_token_scores_are_the_familys_own_attention_probabilities(name, score):
+    """The kernel scores what the family's eager attention computes (MPNet: its relative position
+    bias included, per query): the first layer's score is its probabilities summed over heads and
+    the real queries (attention received) or over heads in the first query's row (CLS attention)."""
+    model = make_model(name, seed=7)
+    reference = copy.deepcopy(model)
+    reference.config._attn_implementation = "eager"
+    gated = pruned(model, score=score)
+    input_ids, attention_mask, token_type_ids = batch = make_batch(model, seed=7)
+    with torch.no_grad():
+        scores = gated(*batch, return_scores=True).scores[:, 0]
+        probs = reference(**hf_inputs(gated, *batch), output_attentions=True).attentions[0]
+    queries = attention_mask[:, None, :, None] if score == "attention_received" else torch.zeros_like(probs)
+    if score == "cls_attention":
+        queries[:, :, 0] = 1
+    expected = (probs * queries).sum(dim=(1, 2))
+    real = attention_mask.bool()
+    assert (scores[real] - expected[real]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("hard", [False, True])
@@ -187,6 +242,7 @@ def _rel(a, b) -> float:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_baseline_flops_match_counter_on_the_familys_own_model(name, attn):
+    require_attention(name, attn)
     model = make_model(name, seed=4, attn=attn)
     dims = adapter_for(model).dims
     for n in (16, 7):
@@ -290,14 +346,17 @@ BPE_VOCAB = {token: i for i, token in enumerate(["<s>", "<pad>", "</s>", "<unk>"
 
 
 def family_tokenizer(name: str):
-    """A tiny tokenizer of the family's own kind: WordPiece (BERT, DistilBERT, ELECTRA) or byte-level
-    BPE (RoBERTa)."""
+    """A tiny tokenizer of the family's own kind: WordPiece (BERT, DistilBERT, ELECTRA, MPNet) or
+    byte-level BPE (RoBERTa)."""
     family = FAMILIES[name]
     if family.tokenizer_class is RobertaTokenizer:
         return RobertaTokenizer(vocab=BPE_VOCAB, merges=BPE_MERGES)
     words = sorted({word for text in TEXTS for word in text.split()})
     characters = sorted({character for word in words for character in word})
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters),
+    # MPNet's WordPiece has RoBERTa's special tokens, <pad> at id 1 (the id its embeddings skip).
+    specials = (["<s>", "<pad>", "</s>", "[UNK]", "<mask>"] if family.tokenizer_class is MPNetTokenizer
+                else ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    vocab = [*specials, *characters, *(f"##{c}" for c in characters),
              *(word for word in words if len(word) > 1)]
     return family.tokenizer_class(vocab={token: i for i, token in enumerate(vocab)})
 
@@ -444,6 +503,22 @@ def test_train_from_a_checkpoint_folder_of_each_family_and_reload(tmp_path, name
         logits = reloaded(batch.input_ids, batch.attention_mask, batch.token_type_ids, hard=True).logits
     assert torch.allclose(logits, trained["logits"], atol=1e-6)
     assert torch.equal(logits.argmax(-1), trained["logits"].argmax(-1))
+
+
+def test_a_tiny_mpnet_trains_offline_and_export_refuses_it_naming_the_family(tmp_path):
+    """`model=tiny model.family=mpnet` through the CLI; export's modeling file has no MPNet."""
+    run_dir = tmp_path / "run"
+    result = invoke("train", *FAST, *SYNTHETIC, "model.family=mpnet", "method.start=0", "method.lr=0.5", "lambda=1",
+                    f"output_dir={run_dir}")
+    assert result.exit_code == 0, result.output
+    assert AutoConfig.from_pretrained(run_dir / "model").model_type == "mpnet"
+    assert read_json(run_dir / "metrics.json")["flops_ratio"] < 1
+    result = invoke("export", run_dir, "--out", tmp_path / "served")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: the export's modeling file has no mpnet model (it serves bert, distilbert, electra, roberta): "
+        "use this run with `dynbert predict`"]
+    assert not (tmp_path / "served").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_hf_exports_load_pruned_without_dynbert_and_predict_what_dynbert_predicts(runs, hf_exports, tmp_path):
     folders, reports = hf_exports
     for name, report in reports.items():  # export's own check: the reloaded folder against dynbert
@@ -140,9 +141,9 @@ def test_hf_exports_load_pruned_without_dynbert_and_predict_what_dynbert_predict
 
 def hand_set_methods(layers: int, length: int, heads: int) -> dict:
     """Every method with decisions that drop some tokens, set by hand (no training)."""
-    from dynbert.methods import NoPruning
     from dynbert.methods.gates import Gates
     from dynbert.methods.ltp import LearnedTokenPruning
+    from dynbert.methods.none import NoPruning
     from dynbert.methods.power_bert import PowerBert
     from dynbert.methods.random_tokens import RandomTokens
     from dynbert.methods.topk import TopK
@@ -199,6 +200,7 @@ def test_the_exported_config_names_the_labels_and_the_rule(hf_exports):
     assert read_json(folders["roberta-random"] / "config.json")["dynbert"]["rule"] == "random"
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_as_dynbert_does(runs, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
     out = tmp_path / "onnx"
@@ -226,6 +228,7 @@ def test_onnx_export_runs_in_onnxruntime_as_dynbert_does(runs, tmp_path):
         assert [predictor.spec.label_names[i] for i in logits.argmax(-1)] == [record["label"] for record in records]
 
 
+@pytest.mark.slow
 def test_serve_bench_times_dense_and_pruned_models_on_the_dev_texts(runs, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
     result = invoke("bench", "--run", runs["gates"], "--inputs", "dev", "--runtime", "torch,onnxruntime", "--quick",

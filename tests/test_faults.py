@@ -118,7 +118,7 @@ BAD_INPUTS = [
     ("report on empty folder", ["report", "{root}/empty"], "{root}/empty"),
     ("report on corrupt metrics", ["report", "{root}/corrupt_run"], "corrupt_run/metrics.json"),
     ("bench a run without weights", ["bench", "--run", "{root}/unfinished_run", "--out", "{root}/bench"],
-     "{root}/unfinished_run/model holds no trained model"),
+     "{root}/unfinished_run is not a finished run"),
     # Where the run goes (an unset shell variable makes output_dir empty: not the current folder).
     ("output_dir empty", [*TRAIN, "output_dir="], "output_dir is empty ('')"),
     ("output_dir null", [*TRAIN, "output_dir=null"], "output_dir is empty (null)"),
@@ -260,6 +260,7 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, flags, env):
 MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     args = ["train", *FAST, *SYNTHETIC, *MOVING_GATES, "train.checkpoint_every=2", "train.max_steps=8"]
     whole = run_dynbert(*args, f"output_dir={tmp_path / 'whole'}")
@@ -341,6 +342,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("signame, code, said", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "stopped by SIGTERM")])
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_save_a_checkpoint_and_say_how_to_resume(tmp_path, signame, code, said):
     args = [*FAST, *SYNTHETIC, "train.checkpoint_every=2", f"output_dir={tmp_path}"]
     result = train_stopping_at(2, signame, *args)

@@ -107,7 +107,9 @@ def test_inspect_reports_exactly_the_tokens_the_hard_pass_kept(run):
     inspection = dynbert.load(run, device="cpu").inspect(TEXT)
     # The hard pass, run here on its own.
     gated, tokenizer = load_run(run).eval(), load_run_tokenizer(run)
-    encoded = tokenizer(TEXT, return_tensors="pt")
+    # Cut to the run's length as inspect cuts it: a tokenizer trained on 64 short texts splits
+    # the filler words it rarely saw, and TEXT takes more tokens than the run's 48.
+    encoded = tokenizer(TEXT, return_tensors="pt", truncation=True, max_length=gated.max_length)
     with torch.no_grad():
         out = gated(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"], hard=True)
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
@@ -207,8 +209,10 @@ def test_predict_reads_lines_from_stdin_writes_jsonl_and_matches_the_python_api(
         assert set(record["probabilities"]) == {"negative", "positive"}
         assert record["score"] == record["probabilities"][record["label"]] == max(record["probabilities"].values())
         assert math.isclose(sum(record["probabilities"].values()), 1, rel_tol=1e-6)
-        assert record["flops_ratio"] == record["flops"] / record["baseline_flops"] < 1
+        assert record["flops_ratio"] == record["flops"] / record["baseline_flops"] <= 1
         assert len(record["kept_per_layer"]) == 2 and record["truncated"] is False
+    # Only a few gates closed, and a short text's relative ranks can miss all of them.
+    assert any(record["flops_ratio"] < 1 for record in records)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +256,7 @@ REAL_DEV_SIZES = {"cola": ("CoLA", 1043), "sst2": ("SST-2", 872), "mrpc": ("MRPC
                   "rte": ("RTE", 277), "wnli": ("WNLI", 71)}
 
 
-@pytest.mark.skipif(not REAL_GLUE.is_dir(), reason=f"GLUE's real files are not at {REAL_GLUE}")
+@pytest.mark.requires_data("glue")
 @pytest.mark.parametrize("task", REAL_DEV_SIZES)
 def test_predict_reads_glues_own_dev_files(task):
     folder, size = REAL_DEV_SIZES[task]

@@ -23,8 +23,7 @@ from helpers import CONTRACT_KEYS, invoke, read_json
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GLUE, MINILM = SHARED / "glue", SHARED / "models" / "all-MiniLM-L6-v2"
-pytestmark = pytest.mark.skipif(not (GLUE.is_dir() and MINILM.is_dir()),
-                                reason=f"real data not found at {SHARED} (a fresh clone has no ../shared)")
+pytestmark = [pytest.mark.requires_data("glue", "models/all-MiniLM-L6-v2"), pytest.mark.slow]
 
 # GLUE's official sizes (train, dev): ../shared/data/README.md.
 OFFICIAL = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),

@@ -24,6 +24,8 @@ from dynbert.train import TrainingInterrupted, train
 
 from helpers import FAST, SYNTHETIC, comparable, dynbert_command, read_json, run_dynbert
 
+pytestmark = pytest.mark.slow  # every test trains twice, stopping one run by a signal
+
 # Gates that move from the first step, so one step taken twice (or skipped) changes the result.
 MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 # One thread: the reference run (a module fixture) is made before the per-test fixture sets it.

@@ -29,6 +29,7 @@ def summary(stderr: str) -> str:
     return next(line for line in stderr.splitlines() if line.startswith("done "))
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_grid_and_baseline_then_resumes(tmp_path):
     folder = tmp_path / "sweep"
     args = [*SWEEP, "lambda=0,0.1,0.3", f"output_dir={folder}"]
@@ -80,6 +81,7 @@ def test_sweep_runs_the_grid_and_baseline_then_resumes(tmp_path):
     assert "Traceback" not in third.stderr
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     result = run_dynbert(*SWEEP, "hydra/launcher=submitit_local", "lambda=0,0.1", "sweep.baseline=false",
                          f"output_dir={tmp_path}")
@@ -96,6 +98,7 @@ def test_a_bad_value_anywhere_in_the_grid_fails_before_any_run(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_every_swept_key_gets_its_own_run_folder(tmp_path):
     """A key the run name does not hold (method.score) is appended; values that are paths are
     made folder-safe. Before, both jobs shared one folder and the second was 'already complete'."""
@@ -134,12 +137,10 @@ def test_two_jobs_that_would_share_a_folder_are_refused_before_any_run(tmp_path)
 
 
 def test_run_folder_names_stay_folder_safe_and_distinct():
-    from omegaconf import OmegaConf
-
+    from dynbert.config import compose_config
     from dynbert.sweep import run_folder
 
-    cfg = OmegaConf.create({"task": {"name": "rte"}, "run_name": "gates-lambda0.1-seed0",
-                            "sweep": {"swept_keys": ["lambda", "model.name_or_path", "train.lr"]}})
+    cfg = compose_config(["task=rte", "lambda=0.1", "sweep.swept_keys=[lambda,model.name_or_path,train.lr]"])
     names = {run_folder(Path("/s"), cfg, [f"model.name_or_path={path}", "train.lr=1e-4", "lambda=0.1"]).name
              for path in ("/models/a/bert", "/models/b/bert", "models_a_bert")}
     assert len(names) == 3
@@ -147,6 +148,7 @@ def test_run_folder_names_stay_folder_safe_and_distinct():
     assert all(name.endswith("-train.lr=1e-4") for name in names)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_job_of_the_sweep_each_checkpointed(tmp_path):
     """SLURM, `timeout` and `docker stop` send SIGTERM: no job may go on training in the background."""
     mark = f"dynbert-test-{uuid.uuid4().hex}"  # every process of this sweep inherits it
@@ -216,6 +218,7 @@ def test_a_launcher_worker_killed_by_the_stop_signal_ends_the_multirun_quietly(m
     assert stopped.value.code == 128 + signal.SIGTERM and capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_a_sweep_over_two_methods_runs_each_with_its_own_knob_and_the_report_shows_both(tmp_path):
     """λ goes to gates, method.keep to top-k (gates has no keep: it would not even compose)."""
     result = run_dynbert(*SWEEP, "method=gates,topk", "lambda=0.1", "method.keep=0.5,1.0", f"output_dir={tmp_path}")
@@ -276,6 +279,7 @@ def test_one_value_in_an_experiments_sweep_params_plans_one_value():
         f"sst2/{name}-seed{seed}" for name in ("gates-lambda0.2", "none-lambda0") for seed in (0, 1, 2)]
 
 
+@pytest.mark.slow
 def test_a_non_ascii_output_dir_sweeps_as_train_and_the_dry_run_take_it(tmp_path):
     """The folder went to the multirun as an override, and Hydra's lexer refused `é` there."""
     folder = tmp_path / "swé"
@@ -314,6 +318,7 @@ def test_a_run_folder_dynbert_did_not_write_fails_the_sweep_before_any_run(tmp_p
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["gates-lambda0.3-seed0", "notes.txt", "synthetic"]
 
 
+@pytest.mark.slow
 def test_a_run_another_process_holds_is_left_to_it_and_counted_as_in_use(tmp_path):
     """It printed 'failed: ... in use by process N', wrote a status into that process's folder,
     and the summary said 'failed 0, did not report 1'."""

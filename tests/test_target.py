@@ -7,8 +7,8 @@ import torch
 
 from dynbert.config import compose_config
 from dynbert.core import GatedModel, baseline_kept, flops_per_example
-from dynbert.encoders import EncoderDims, random_model
-from dynbert.methods import build_method
+from dynbert.encoders import EncoderDims, adapter_for, random_model
+from dynbert.methods import from_config
 from dynbert.methods.target import FlopsTarget, ramped_target
 from dynbert.methods.topk import keep_for_target, schedule_kept
 from dynbert.sweep import plan_sweep
@@ -50,7 +50,7 @@ def test_the_soft_ratio_is_the_engines_count_and_equals_the_rounded_one_for_deci
     torch.manual_seed(0)
     model = random_model("bert", hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=50,
                          max_positions=16, num_labels=2)
-    method = build_method(compose_config(["method=topk", "method.keep=0.4"]).method, 3, 16, 2)
+    method = from_config(compose_config(["method=topk", "method.keep=0.4"]).method, adapter_for(model), 16)
     gated = GatedModel(model, method).eval()
     ids = torch.randint(5, 50, (3, 12))
     mask = torch.ones_like(ids)
@@ -131,3 +131,43 @@ def test_a_target_below_what_a_fixed_schedule_can_cost_is_one_sentence_before_tr
     result = invoke("train", *FAST, *SYNTHETIC, "method=topk", "method.target=0.1", f"output_dir={tmp_path}")
     assert result.exit_code == 2 and "pass a target of at least" in result.stderr
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_the_counts_a_rounding_threshold_gives_are_what_hard_mode_keeps(relative):
+    from dynbert.methods.target import rounded_counts
+
+    torch.manual_seed(3)
+    model = random_model("bert", hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vocab_size=50,
+                         max_positions=16, num_labels=2)
+    ranks = "relative" if relative else "absolute"
+    method = from_config(compose_config(["method.layers=[1,2]", f"method.ranks={ranks}"]).method, adapter_for(model), 16)
+    with torch.no_grad():
+        method.gates.raw.uniform_(0, 1)
+    gated = GatedModel(model, method).eval()
+    ids = torch.randint(5, 50, (4, 16))
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([16, 11, 6, 3]):
+        mask[row, length:] = 0
+    threshold = 0.6
+    method.gates.harden_(threshold)
+    with torch.no_grad():
+        kept = gated(ids, mask, hard=True).kept
+    gates = method.gates().detach()
+    assert torch.equal(rounded_counts(gates, [1, 2], 3, mask.sum(1), relative, 0.5), kept)
+
+
+def test_target_gates_are_rounded_where_their_decisions_cost_the_target_on_the_training_lengths():
+    from dynbert.methods.target import rounded_counts, threshold_for_target
+
+    torch.manual_seed(0)
+    gates = torch.rand(3, 32)
+    gates[:, 0] = 1
+    lengths = [4, 9, 9, 17, 25, 32, 32, 12]
+    threshold = threshold_for_target(gates, [1, 2, 3], DIMS, lengths, True, 0.5)
+    n = torch.tensor(lengths)
+    ratio = (flops_per_example(n, rounded_counts(gates, [1, 2, 3], 4, n, True, threshold), DIMS).mean()
+             / flops_per_example(n, baseline_kept(n, 4), DIMS).mean())
+    assert ratio.item() == pytest.approx(0.5, abs=0.03)
+    hardened = (gates >= threshold).float()
+    assert threshold_for_target(hardened, [1, 2, 3], DIMS, lengths, True, 0.5) == 1.0  # rounding again changes nothing

@@ -99,10 +99,10 @@ def test_gates_left_between_0_and_1_warn_that_rounding_changed_the_model():
     from dynbert.methods.gates import Gates
 
     gates = Gates([0, 1], max_length=16, num_layers=2)
-    [warning] = run_warnings({"flops_ratio": 0.6, "decided": 0.8}, 0.1, gates)
+    [warning] = run_warnings({"flops_ratio": 0.6, "decided": 0.8}, True, gates)
     assert warning.startswith("the soft decisions did not end at 0 or 1 (80% within 0.05, 95% wanted)")
     assert "method.bimodal_weight" in warning
-    assert run_warnings({"flops_ratio": 0.6, "decided": 0.97}, 0.1, gates) == []
+    assert run_warnings({"flops_ratio": 0.6, "decided": 0.97}, True, gates) == []
 
 
 def test_a_model_that_answers_one_class_warns_that_its_score_is_that_classs():
@@ -117,16 +117,16 @@ def test_a_model_that_answers_one_class_warns_that_its_score_is_that_classs():
     labels = torch.tensor([0, 1, 1, 0, 1])
     collapsed = dict(most_predicted=most_predicted(rte, torch.ones(5, dtype=torch.long), labels), score=0.6,
                      flops_ratio=0.07, kept_per_layer=[0.02, 0.02], knob="lambda", knob_value=5e-4)
-    [warning] = run_warnings(collapsed, 5e-4, gates)
+    [warning] = run_warnings(collapsed, True, gates)
     assert warning.startswith("100% of the dev predictions are 'not_entailment', and always answering it "
                               "scores 0.6000 (this run: 0.6000)")
     assert "prune less than lambda=0.0005 does (after the last layer 2% of the tokens were left)" in warning
     # An un-pruned baseline that collapsed is told to train differently, not to prune less.
     baseline = dict(collapsed, flops_ratio=1.0, kept_per_layer=[1.0, 1.0], knob=None, knob_value=None)
-    assert "train longer or change train.lr" in run_warnings(baseline, 0.0, Gates([], 16, 2))[0]
+    assert "train longer or change train.lr" in run_warnings(baseline, False, Gates([], 16, 2))[0]
     # Four of five in one class (80%) is a skew a real model can have: no warning.
     learned = dict(collapsed, most_predicted=most_predicted(rte, torch.tensor([1, 1, 1, 0, 1]), labels))
-    assert learned["most_predicted"]["share"] == 0.8 and run_warnings(learned, 5e-4, gates) == []
+    assert learned["most_predicted"]["share"] == 0.8 and run_warnings(learned, True, gates) == []
 
 
 @pytest.mark.parametrize("native", [False, True])

@@ -102,6 +102,7 @@ def test_train_seconds_is_the_training_loops_time(tmp_path):
 MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 
 
+@pytest.mark.slow
 def test_same_command_twice_gives_the_same_run(tmp_path):
     # Two processes, as a user would run them: a tokenizer trained in hash order differed between them.
     args = ["train", *FAST, *SYNTHETIC, *MOVING_GATES, "train.max_steps=6"]
@@ -155,6 +156,7 @@ def test_every_experiment_config_runs_a_few_steps(tmp_path, name):
     assert read_json(tmp_path / "metrics.json")["steps"] == 4
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_folder_written_once(tmp_path):
     """`torchrun --nproc_per_node 2` (what `accelerate launch` does on several GPUs): DDP over gloo
     on this CPU. Each step's batch is split across the processes; only the main one writes."""

@@ -30,6 +30,18 @@ class EncoderDims:
     embed_macs_per_token: int = 0
     """Matrix products in the embeddings per token (ELECTRA-small's projection); lookups are free."""
 
+    def layer_macs(self, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> torch.Tensor:
+        """Multiply-accumulates of one encoder layer, elementwise over tensors of token counts:
+        ``tokens_in`` enter it, ``tokens_out`` are left after its decision (made after attention).
+
+        A BERT-shaped layer: Q, K, V, O (4·D²·L_in), QKᵀ and AV (2·D·L_in²), the feed-forward
+        network on the kept tokens (2·D·I·L_out). A family whose layer costs otherwise (a gated MLP,
+        another attention) returns a subclass of ``EncoderDims`` that overrides this from its
+        adapter's ``dims``; ``core.flops_per_example`` counts every layer with it.
+        """
+        hidden, intermediate = self.hidden, self.intermediate
+        return 4 * hidden**2 * tokens_in + 2 * hidden * tokens_in**2 + 2 * hidden * intermediate * tokens_out
+
 
 class EncoderAdapter:
     """One model family seen by the engine. Subclasses set ``model_types`` and the methods below."""
@@ -41,6 +53,13 @@ class EncoderAdapter:
     """Weight-name prefixes a pretrained checkpoint may lack: the task's new head."""
     has_token_types = True
     """Whether the embeddings read token type ids (segment A/B); families without them get None."""
+    gated_attention = "dynbert"
+    """The model's ``_attn_implementation`` inside ``GatedModel``: dynbert's kernel, which the family's
+    attention modules reach through transformers' AttentionInterface. A family whose attention does
+    not go through it (MPNet) calls the kernel in ``attention`` itself and names its own here, so its
+    own forward still builds the masks its attention expects."""
+    plain_attention = "sdpa"
+    """The model's ``_attn_implementation`` for its own forward, un-pruned (benchmark baselines)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -79,8 +98,17 @@ class EncoderAdapter:
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def attention(self, layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, **kernel_kwargs):
-        """The layer's attention sub-layer (projections, residual, norm): (output, token score)."""
+    def attention(self, layer: nn.Module, hidden: torch.Tensor, bias: torch.Tensor, positions: torch.Tensor,
+                  **kernel_kwargs):
+        """The layer's attention sub-layer (projections, residual, norm): (output, token score).
+
+        ``bias``: (batch, 1, 1, keys), the engine's additive bias (padding and dropped tokens blocked,
+        log keep weights in soft mode); the adapter may add whatever its attention needs to it, per
+        head and per query (MPNet's relative position bias), since the kernel broadcasts it.
+        ``positions``: (batch, length) each present token's position in the original input (kept
+        tokens are gathered in order, so these have gaps). BERT-shaped families added absolute
+        positions in ``embed`` and need nothing more here.
+        """
         return layer.attention(hidden, bias, **kernel_kwargs)
 
     def feed_forward(self, layer: nn.Module, attended: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ class DistilBertAdapter(EncoderAdapter):
     def embed(self, input_ids, token_type_ids):
         return self.model.distilbert.embeddings(input_ids)
 
-    def attention(self, layer, hidden, bias, **kernel_kwargs):
+    def attention(self, layer, hidden, bias, positions, **kernel_kwargs):
         output, score = layer.attention(hidden, bias, **kernel_kwargs)
         return layer.sa_layer_norm(output + hidden), score
 

@@ -16,18 +16,25 @@ ranks whose gate is >= 0.5.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner, rank_tokens
-from .target import TARGET_RAMP, FlopsTarget
+from ..checks import LAMBDA_MAX, check_bool, check_choice, check_fraction, check_non_negative
+from ..core import SCORES, GatedOutput, LayerTokens, RegularizerParts, TokenPruner, rank_tokens
+from ..errors import DynbertError
+from . import register
+from .stages import START, phase_progress
+from .target import FlopsTarget, threshold_for_target
 
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
 SPARSITY_TARGETS = ("ranks", "tokens")
 RANK_INDEXING = ("absolute", "relative")
 BIMODAL_SCHEDULES = ("hold", "constant")
+MU_MAX = 100 * LAMBDA_MAX
+"""The largest bi-modal weight μ = method.bimodal_weight × λ: the default weight (100) at the largest λ."""
 _SIGMOID_INIT = 3.0
 
 
@@ -62,16 +69,16 @@ class TokenGates(nn.Module):
             self.raw.clamp_(0.0, 1.0)
 
     @torch.no_grad()
-    def harden_(self) -> None:
-        """Make every gate exactly 0 or 1 (g >= 0.5 opens), so soft mode equals hard mode."""
-        is_open = self().ge(0.5)
+    def harden_(self, threshold: float = 0.5) -> None:
+        """Make every gate exactly 0 or 1 (g >= threshold opens), so soft mode equals hard mode."""
+        is_open = self().ge(threshold)
         if self.parametrization == "clip":
             self.raw.copy_(is_open.float())
         else:
             self.raw.copy_(torch.where(is_open, math.inf, -math.inf))
 
 
-def layer_weights(gate_layers: list[int], num_layers: int, weighting: str = "linear") -> torch.Tensor:
+def depth_weights(gate_layers: list[int], num_layers: int, weighting: str = "linear") -> torch.Tensor:
     """w_l = l / L (1-based), so deeper layers pay more for each kept token; or all 1."""
     if weighting not in LAYER_WEIGHTINGS:
         raise ValueError(f"unknown layer weighting {weighting!r}; expected one of {LAYER_WEIGHTINGS}")
@@ -80,9 +87,10 @@ def layer_weights(gate_layers: list[int], num_layers: int, weighting: str = "lin
     return torch.tensor([(layer + 1) / num_layers for layer in gate_layers])
 
 
-def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu: float,
+def gate_regularizer(gates: torch.Tensor, depth: torch.Tensor, lam: float, mu: float,
                      kept_soft: torch.Tensor | None = None) -> RegularizerParts:
-    """Sparsity (L1, weighted by depth) plus the bi-modal term g(1 - g) on every gate but CLS's.
+    """Sparsity (L1, weighted by ``depth``: the gated layers' ``depth_weights``) plus the bi-modal term
+    g(1 - g) on every gate but CLS's.
 
     Without ``kept_soft`` (``sparsity: ranks``, PoWER-BERT's L1) the sparsity is the mean gate
     value over all ranks, so ranks that short inputs never reach count as much as the ones they
@@ -92,30 +100,23 @@ def gate_regularizer(gates: torch.Tensor, weights: torch.Tensor, lam: float, mu:
     """
     free = gates[:, 1:]
     kept = free.mean(dim=1) if kept_soft is None else kept_soft.mean(dim=0)
-    sparsity = lam * (weights.to(kept) * kept).sum()
+    sparsity = lam * (depth.to(kept) * kept).sum()
     bimodal = mu * (free * (1.0 - free)).mean(dim=1).sum()
     return RegularizerParts(sparsity=sparsity, bimodal=bimodal)
 
 
-def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold", begin: float = 0.2) -> float:
+def bimodal_weight(progress: float, lam: float, scale: float, schedule: str = "hold") -> float:
     """μ at a point of the gates' training (progress in [0, 1]).
 
-    ``hold``: 0 until ``begin`` (20% of the phase), a linear ramp to scale·λ over the next 30%,
-    then held. A constant μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal
-    gradient pushes up).
+    ``hold``: 0 for the first 20%, a linear ramp to scale·λ by 50%, then held. A constant
+    μ >= λ·w_l from the start freezes the gates open (at g = 1 the bi-modal gradient pushes up).
     """
     if schedule not in BIMODAL_SCHEDULES:
         raise ValueError(f"unknown bimodal schedule {schedule!r}; expected one of {BIMODAL_SCHEDULES}")
     top = scale * lam
     if schedule == "constant":
         return top
-    return top * min(max((progress - begin) / 0.3, 0.0), 1.0)
-
-
-def phase_progress(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
-    """How far a phase from fraction ``start`` to ``end`` of training is, in [0, 1]."""
-    begin, finish = start * total_steps, end * total_steps
-    return min(max((step - begin) / max(1.0, finish - begin), 0.0), 1.0)
+    return top * min(max((progress - 0.2) / 0.3, 0.0), 1.0)
 
 
 def active_between(start: float, end: float = 1.0):
@@ -125,6 +126,17 @@ def active_between(start: float, end: float = 1.0):
     return schedule
 
 
+@dataclass
+class GateState:
+    """The gates for one forward (``Gates.prepare``)."""
+
+    gates: torch.Tensor
+    """(gated layers, max_length) gate values in [0, 1], by rank."""
+    leading_open: list[int] | None
+    """Hard mode: per gated layer, how many ranks from the first are open before one is closed."""
+
+
+@register
 class Gates(TokenPruner):
     """Trainable gates per rank, the bi-modal regularizer, hard mode keeps g >= 0.5 (the paper)."""
 
@@ -146,7 +158,7 @@ class Gates(TokenPruner):
         self.relative = ranks == "relative"
         self.score = score
         self.gates = TokenGates(len(layers), max_length, parametrization, monotone)
-        self.register_buffer("weights", layer_weights(layers, num_layers, layer_weighting), persistent=False)
+        self.register_buffer("depth_weights", depth_weights(layers, num_layers, layer_weighting), persistent=False)
         self.sparsity, self.scale, self.schedule = sparsity, bimodal_weight, bimodal_schedule
         self.lr, self.start = lr, start
         # The gates' phase ends at harden_at: then they are rounded to 0/1 and frozen, and the rest
@@ -154,43 +166,74 @@ class Gates(TokenPruner):
         self.end = 1.0 if harden_at is None else harden_at
         # method.target: λ is learned, holding the expected FLOPs ratio to the target (methods/target.py).
         self.flops_target = None if target is None else FlopsTarget(target, target_lr)
+        self._lengths, self._dims = None, None  # the training inputs' lengths, for the rounding threshold
 
-    def prepare(self, hard: bool):
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_choice(cfg, "method.score", SCORES)
+        check_choice(cfg, "method.parametrization", PARAMETRIZATIONS)
+        check_choice(cfg, "method.layer_weighting", LAYER_WEIGHTINGS)
+        check_choice(cfg, "method.sparsity", SPARSITY_TARGETS)
+        check_choice(cfg, "method.ranks", RANK_INDEXING)
+        check_choice(cfg, "method.bimodal_schedule", BIMODAL_SCHEDULES)
+        check_non_negative(cfg, "method.lr", "method.bimodal_weight")
+        bimodal, lam = cfg.method.bimodal_weight, cfg["lambda"]
+        if bimodal * lam > MU_MAX:
+            raise DynbertError(f"method.bimodal_weight={bimodal} with lambda={lam} is not valid: the bi-modal "
+                               f"weight method.bimodal_weight × lambda must be at most {MU_MAX:g} (the default is "
+                               "100 × lambda)")
+        check_fraction(cfg, "method.start", START)
+        check_fraction(cfg, "method.harden_at", "the fraction of training where the gates are rounded and frozen, "
+                       "e.g. 0.8 (null: never)", optional=True, after="method.start")
+        check_bool(cfg, "method.monotone")
+
+    @classmethod
+    def from_config(cls, method_cfg, layers, max_length, encoder) -> Gates:
+        return cls(layers, max_length, encoder.dims.num_layers, score=method_cfg.score,
+                   parametrization=method_cfg.parametrization, monotone=method_cfg.monotone,
+                   layer_weighting=method_cfg.layer_weighting, sparsity=method_cfg.sparsity,
+                   bimodal_weight=method_cfg.bimodal_weight, bimodal_schedule=method_cfg.bimodal_schedule,
+                   lr=method_cfg.lr, start=method_cfg.start, harden_at=method_cfg.harden_at, ranks=method_cfg.ranks,
+                   target=method_cfg.get("target"), target_lr=method_cfg.get("target_lr"))
+
+    def prepare(self, hard: bool) -> GateState:
         gates = self.gates()
-        return gates, (_leading_open(gates) if hard else None)
+        return GateState(gates, _leading_open(gates) if hard else None)
 
-    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
-        gates, _ = values
+    def keep_weights(self, state: GateState, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         index = rank_tokens(tokens.score, tokens.alive)
         if self.relative:
             # Rank r of the n tokens present meets gate floor(r·N/n): the gate table describes which
             # share of the ranked tokens a layer keeps, the same for a 10- and a 60-token input.
             present = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
             index = (index * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
-        return gates[row].gather(0, index.flatten()).view_as(index)
+        return state.gates[row].gather(0, index.flatten()).view_as(index)
 
-    def keeps_all(self, values, row: int, length: int) -> bool:
+    def keeps_all(self, state: GateState, row: int, length: int) -> bool:
         # Relative ranks reach every gate, whatever the length: only a table of open gates keeps all.
-        return values[1][row] >= (self.max_length if self.relative else length)
+        return state.leading_open[row] >= (self.max_length if self.relative else length)
+
+    def export_rule(self, state: GateState) -> dict:
+        return dict(rule="rank_table", open=(state.gates >= 0.5).tolist(), relative=self.relative)
 
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         if self._hardened(step, total_steps):
             return None  # the gates are decided and frozen: nothing left to regularize
         progress = phase_progress(step, total_steps, self.start, self.end)
-        quadratic, begin = None, 0.2
-        if self.flops_target is not None:  # λ is learned: the multiplier holding the FLOPs target
-            quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_hard, progress)
-            lam = self.flops_target.multiplier
-            # The bi-modal push waits until the target is reached: started while λ1 still grows, it
-            # held the gates open (at g > 0.5 it pushes up), λ1 grew on, and μ = scale·λ1 with it.
-            begin = TARGET_RAMP
-        mu = bimodal_weight(progress, max(lam, 0.0), self.scale, self.schedule, begin=begin)
         kept_soft = out.kept_soft if self.sparsity == "tokens" else None
-        parts = gate_regularizer(self.gates(), self.weights, lam, mu, kept_soft)
-        return parts if quadratic is None else RegularizerParts(parts.sparsity + quadratic, parts.bimodal)
+        if self.flops_target is None:
+            mu = bimodal_weight(progress, lam, self.scale, self.schedule)
+            return gate_regularizer(self.gates(), self.depth_weights, lam, mu, kept_soft)
+        # λ is learned: the multiplier holding the FLOPs target. No bi-modal push: the gates are
+        # rounded at a threshold found for the target (``harden_``) instead. Tied to the multiplier,
+        # the push froze the gates wherever they stood when it began, and the multiplier, fighting
+        # it, grew to 0.8 (SST-2 ended at 0.52 for 0.5, 3 points below the baseline).
+        quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_hard, progress)
+        parts = gate_regularizer(self.gates(), self.depth_weights, self.flops_target.multiplier, 0.0, kept_soft)
+        return RegularizerParts(parts.sparsity + quadratic, parts.bimodal)
 
-    def knob_active(self, lam: float) -> bool:
-        return self.flops_target is not None or lam > 0
+    def calibrate(self, lengths: list[int], dims) -> None:
+        self._lengths, self._dims = lengths, dims
 
     def param_groups(self) -> list[dict]:
         schedule = active_between(self.start, self.end)
@@ -198,7 +241,7 @@ class Gates(TokenPruner):
 
     def begin_step(self, step: int, total_steps: int) -> None:
         if self._hardened(step, total_steps):
-            self.gates.harden_()  # idempotent: a resumed run re-enters the hard phase as it was
+            self.harden_()  # idempotent: a resumed run re-enters the hard phase as it was
 
     def _hardened(self, step: int, total_steps: int) -> bool:
         return self.end < 1.0 and step >= self.end * total_steps
@@ -209,7 +252,13 @@ class Gates(TokenPruner):
             self.flops_target.ascend()
 
     def harden_(self) -> None:
-        self.gates.harden_()
+        """Round the gates at 0.5; with a FLOPs target, at the threshold whose decisions cost the
+        target on the training inputs' lengths (idempotent: gates already 0/1 offer 1 alone)."""
+        threshold = 0.5
+        if self.flops_target is not None and self._lengths is not None:
+            threshold = threshold_for_target(self.gates().detach().cpu(), self.layers, self._dims, self._lengths,
+                                             self.relative, self.flops_target.target)
+        self.gates.harden_(threshold)
 
 
 @torch.no_grad()

@@ -20,18 +20,34 @@ At inference a layer keeps the present tokens with s ≥ θ_l (and CLS), physica
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..checks import check_fraction, check_non_negative, check_positive
 from ..core import GatedOutput, LayerTokens, RegularizerParts, TokenPruner
-from .gates import phase_progress
-from .stages import lr_decay, reached
+from . import register
+from .stages import START, lr_decay, phase_progress, reached
 from .target import FlopsTarget
 
 FINE_TUNE, SOFT, HARD = 0, 1, 2
 """The stages, in order (``LearnedTokenPruning.stage``)."""
 
 
+@dataclass
+class ThresholdState:
+    """The thresholds for one forward (``LearnedTokenPruning.prepare``)."""
+
+    thresholds: torch.Tensor
+    """(pruned layers,) θ_l."""
+    stage: int
+    """The stage the decisions follow (``FINE_TUNE``, ``SOFT``, ``HARD``): hard mode decides as ``HARD``."""
+    keeps_all: list[bool] | None
+    """Hard mode: per pruned layer, whether its threshold keeps every token (θ_l <= 0: scores are >= 0)."""
+
+
+@register
 class LearnedTokenPruning(TokenPruner):
     """A threshold per layer on the head- and query-averaged attention a token receives."""
 
@@ -59,39 +75,53 @@ class LearnedTokenPruning(TokenPruner):
         # method.target: the soft stage holds the FLOPs ratio to it instead of weighing masks by λ.
         self.flops_target = None if target is None else FlopsTarget(target, target_lr)
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_non_negative(cfg, "method.lr", "method.threshold")
+        check_positive(cfg, "method.temperature")
+        check_fraction(cfg, "method.start", START)
+        check_fraction(cfg, "method.freeze_at", "the fraction of training where LTP freezes its thresholds, e.g. 0.5 "
+                       "(null: never)", optional=True, after="method.start")
+
+    @classmethod
+    def from_config(cls, method_cfg, layers, max_length, encoder) -> LearnedTokenPruning:
+        return cls(layers, max_length, encoder.dims.num_layers, encoder.num_heads, threshold=method_cfg.threshold,
+                   temperature=method_cfg.temperature, lr=method_cfg.lr, start=method_cfg.start,
+                   freeze_at=method_cfg.freeze_at, target=method_cfg.get("target"),
+                   target_lr=method_cfg.get("target_lr"))
+
     def thresholds(self) -> torch.Tensor:
         """θ_l = base_l + δ_l, one per pruned layer."""
         return self.base + self.offsets
 
-    def prepare(self, hard: bool):
-        """(θ, the stage the decisions follow, hard mode: which layers keep every token).
-
-        Hard mode decides as stage 3 does. Read once here, not per layer: each read of a GPU
-        tensor into Python waits for the GPU.
-        """
+    def prepare(self, hard: bool) -> ThresholdState:
+        """Hard mode decides as stage 3 does. The stage and which layers keep every token are read
+        once here, not per layer: each read of a GPU tensor into Python waits for the GPU."""
         thresholds = self.thresholds()
         if hard:
             thresholds = thresholds.detach()
-            return thresholds, HARD, (thresholds <= 0).tolist()  # scores are >= 0
-        return thresholds, int(self.stage), None
+            return ThresholdState(thresholds, HARD, (thresholds <= 0).tolist())
+        return ThresholdState(thresholds, int(self.stage), None)
 
-    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
-        thresholds, stage, _ = values
+    def keep_weights(self, state: ThresholdState, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         present_queries = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
-        score = tokens.score / (self.num_heads * present_queries)
-        if stage == HARD:
-            return (score >= thresholds[row]).to(score.dtype)
-        if stage == FINE_TUNE:
-            return torch.ones_like(score)
-        return torch.sigmoid((score - thresholds[row]) / self.temperature)
+        received = tokens.score / (self.num_heads * present_queries)  # s_i, the mean attention received
+        if state.stage == HARD:
+            return (received >= state.thresholds[row]).to(received.dtype)
+        if state.stage == FINE_TUNE:
+            return torch.ones_like(received)
+        return torch.sigmoid((received - state.thresholds[row]) / self.temperature)
 
-    def keeps_all(self, values, row: int, length: int) -> bool:
-        return values[2][row]
+    def keeps_all(self, state: ThresholdState, row: int, length: int) -> bool:
+        return state.keeps_all[row]
+
+    def export_rule(self, state: ThresholdState) -> dict:
+        return dict(rule="threshold", thresholds=state.thresholds.float().tolist(), num_heads=self.num_heads)
 
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         if int(self.stage) != SOFT:
             return None
-        kept_mean = out.weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
+        kept_mean = out.keep_weights.sum(dim=(0, 2)) / out.num_tokens.sum()  # per layer, over real tokens
         if self.flops_target is None:
             sparsity = lam * kept_mean.sum()
         else:  # λ is learned: the multiplier holding the FLOPs target
@@ -99,9 +129,6 @@ class LearnedTokenPruning(TokenPruner):
             quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_hard, progress)
             sparsity = self.flops_target.multiplier * kept_mean.sum() + quadratic
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
-
-    def knob_active(self, lam: float) -> bool:
-        return self.flops_target is not None or lam > 0
 
     def after_step(self) -> None:
         if self.flops_target is not None:

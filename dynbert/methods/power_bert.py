@@ -21,11 +21,15 @@ of training:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..checks import check_choice, check_fraction, check_non_negative
 from ..core import LayerTokens, RegularizerParts, TokenPruner, rank_tokens
-from .gates import RANK_INDEXING, TokenGates, phase_progress
-from .stages import lr_window, reached
+from . import register
+from .gates import RANK_INDEXING, TokenGates
+from .stages import START, lr_window, phase_progress, reached
 from .target import FlopsTarget
 
 
@@ -46,6 +50,17 @@ def retention_from(weights: torch.Tensor) -> torch.Tensor:
         return torch.cummin(counts, dim=0).values
 
 
+@dataclass
+class RetentionState:
+    """What decides for one forward (``PowerBert.prepare``): fixed counts, or the search's weights."""
+
+    counts: list[int] | None
+    """k_l per pruned layer once decisions are 0/1 (hard mode, or the retraining stage); else None."""
+    retention_weights: torch.Tensor | None
+    """(pruned layers, max_length) W while the search's decisions are soft; else None."""
+
+
+@register
 class PowerBert(TokenPruner):
     """Retention weights per (layer, rank), searched under an L1 pull; then a fixed top-k_l per layer."""
 
@@ -72,10 +87,24 @@ class PowerBert(TokenPruner):
             raise ValueError("method.target with power_bert needs method.ranks=relative (a kept share of each input)")
         self.flops_target = None if target is None else FlopsTarget(target, target_lr)
         self.retention_weights = TokenGates(len(layers), max_length, "clip")
-        self.register_buffer("depth", torch.tensor([layer + 1.0 for layer in layers]), persistent=False)
+        self.register_buffer("depth_weights", torch.tensor([layer + 1.0 for layer in layers]), persistent=False)
         # k_l once fixed; 0 until the retraining stage (a fixed k_l is at least 1: CLS).
         self.register_buffer("retention", torch.zeros(len(layers), dtype=torch.long))
         self.lr, self.start, self.retrain_at = lr, start, retrain_at
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_non_negative(cfg, "method.lr")
+        check_fraction(cfg, "method.start", START)
+        check_fraction(cfg, "method.retrain_at", "the fraction of training where PoWER-BERT's retraining begins, "
+                       "e.g. 0.65", after="method.start")
+        check_choice(cfg, "method.ranks", RANK_INDEXING)
+
+    @classmethod
+    def from_config(cls, method_cfg, layers, max_length, encoder) -> PowerBert:
+        return cls(layers, max_length, lr=method_cfg.lr, start=method_cfg.start, retrain_at=method_cfg.retrain_at,
+                   ranks=method_cfg.get("ranks", "absolute"), target=method_cfg.get("target"),
+                   target_lr=method_cfg.get("target_lr"))
 
     @property
     def retention_fixed(self) -> bool:
@@ -89,33 +118,33 @@ class PowerBert(TokenPruner):
     def fix_retention_(self) -> None:
         self.retention.copy_(retention_from(self.retention_weights()))
 
-    def prepare(self, hard: bool):
-        """(k_l per layer, None) once decisions are 0/1 (hard mode, retraining); else (None, W)."""
+    def prepare(self, hard: bool) -> RetentionState:
         if hard or self.retention_fixed:
-            return self.current_retention().tolist(), None
-        return None, self.retention_weights()
+            return RetentionState(counts=self.current_retention().tolist(), retention_weights=None)
+        return RetentionState(counts=None, retention_weights=self.retention_weights())
 
-    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
-        counts, weights = values
+    def keep_weights(self, state: RetentionState, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         rank = rank_tokens(tokens.score, tokens.alive)
         present = tokens.alive.sum(dim=1, keepdim=True).clamp(min=1)
-        if counts is not None:
+        if state.counts is not None:
             if self.relative:  # ⌊r·N/n⌋ < k  ⟺  r·N < k·n: the first k_l/N of the ranked tokens
-                return (rank * self.max_length < counts[row] * present).to(tokens.score.dtype)
-            return (rank < counts[row]).to(tokens.score.dtype)
+                return (rank * self.max_length < state.counts[row] * present).to(tokens.score.dtype)
+            return (rank < state.counts[row]).to(tokens.score.dtype)
         if self.relative:
             rank = (rank * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
-        return weights[row].gather(0, rank.flatten()).view_as(rank)
+        return state.retention_weights[row].gather(0, rank.flatten()).view_as(rank)
 
-    def keeps_all(self, values, row: int, length: int) -> bool:
-        counts, _ = values
-        return counts[row] >= (self.max_length if self.relative else length)
+    def keeps_all(self, state: RetentionState, row: int, length: int) -> bool:
+        return state.counts[row] >= (self.max_length if self.relative else length)
+
+    def export_rule(self, state: RetentionState) -> dict:
+        return dict(rule="retention", retention=list(state.counts), relative=self.relative)
 
     def regularizer(self, out, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         searching = reached(step, total_steps, self.start) and not reached(step, total_steps, self.retrain_at)
         if not searching or self.retention_fixed:
             return None
-        l1 = (self.depth * self.retention_weights().sum(dim=1)).sum()
+        l1 = (self.depth_weights * self.retention_weights().sum(dim=1)).sum()
         if self.flops_target is None:
             sparsity = lam * l1
         else:  # λ is learned: the multiplier holding the FLOPs target
@@ -124,9 +153,6 @@ class PowerBert(TokenPruner):
             quadratic = self.flops_target.quadratic(out.flops_ratio_soft, out.flops_ratio_soft, progress)
             sparsity = self.flops_target.multiplier * l1 + quadratic
         return RegularizerParts(sparsity=sparsity, bimodal=torch.zeros_like(sparsity))
-
-    def knob_active(self, lam: float) -> bool:
-        return self.flops_target is not None or lam > 0
 
     def schedule_warning(self, total_steps: int) -> str | None:
         search = lr_window(self.start, self.retrain_at)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import export_modeling
 from ..core import LayerTokens
+from . import register
 from .topk import TopK
 
 _MASK32 = 0xFFFFFFFF
@@ -36,6 +38,7 @@ def token_hash(seed: int, layer: int, positions: torch.Tensor, token_ids: torch.
     return (_mix(state ^ token_ids.long()) >> 8).float() / 2**24
 
 
+@register
 class RandomTokens(TopK):
     """Top-k's schedule, random tokens: deterministic in evaluation, fresh in every training step."""
 
@@ -48,8 +51,18 @@ class RandomTokens(TopK):
         super().__init__(layers, max_length, num_layers, keep, target)
         self.seed = seed
 
+    @classmethod
+    def from_config(cls, method_cfg, layers, max_length, encoder) -> RandomTokens:
+        return cls(layers, max_length, encoder.dims.num_layers, keep=method_cfg.keep, seed=method_cfg.seed,
+                   target=method_cfg.get("target"))
+
     def ranking(self, row: int, tokens: LayerTokens) -> torch.Tensor:
         if self.training:
             return torch.rand(tokens.alive.shape, device=tokens.alive.device)
         token_ids = tokens.input_ids.gather(1, tokens.positions)
         return token_hash(self.seed, self.layers[row], tokens.positions, token_ids)
+
+    def export_rule(self, state) -> dict:
+        # The same hash in the exported model: its state per layer, the tokens' part computed there.
+        return dict(rule="random", score=None, counts=self.counts.tolist(),
+                    hash_states=[export_modeling.hash_state(self.seed, layer) for layer in self.layers])

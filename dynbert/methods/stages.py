@@ -7,10 +7,19 @@ for a 4-step smoke run and a 6-epoch study. Step ``step`` is the optimizer step 
 
 from __future__ import annotations
 
+START = "the fraction of training before the method's parameters move, e.g. method.start=0.5"
+"""What ``method.start`` is, for the sentence that refuses a bad one (``checks.check_fraction``)."""
+
 
 def reached(step: int, total_steps: int, fraction: float | None) -> bool:
     """Whether training has reached ``fraction`` of its steps (None: a point never reached)."""
     return fraction is not None and step >= fraction * total_steps
+
+
+def phase_progress(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
+    """How far a phase from fraction ``start`` to ``end`` of training is, in [0, 1]."""
+    begin, finish = start * total_steps, end * total_steps
+    return min(max((step - begin) / max(1.0, finish - begin), 0.0), 1.0)
 
 
 def lr_window(start: float, end: float):

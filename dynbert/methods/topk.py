@@ -22,8 +22,11 @@ import math
 
 import torch
 
+from ..checks import is_number
 from ..core import LayerTokens, TokenPruner, baseline_kept, flops_per_example, rank_tokens
 from ..encoders import EncoderDims
+from ..errors import DynbertError
+from . import register
 
 # f_l · n is computed in floating point: 0.7 · 10 must keep 7 tokens, not ⌈7.000000000000001⌉ = 8.
 _CEIL_SLACK = 1e-9
@@ -82,6 +85,7 @@ def keep_for_target(target: float, lengths: list[int], layers: list[int], dims: 
     return high
 
 
+@register
 class TopK(TokenPruner):
     """A fixed keep schedule; each pruned layer keeps the top-k tokens by attention received."""
 
@@ -101,6 +105,17 @@ class TopK(TokenPruner):
         self.register_load_state_dict_post_hook(lambda module, _: module._schedule())
         self._schedule()
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        keep = cfg.method.keep
+        if not is_number(keep) or not 0 < keep <= 1:
+            raise DynbertError(f"method.keep={keep} is not valid: pass the fraction of tokens the last layer "
+                               "keeps, a number in (0, 1], e.g. method.keep=0.5")
+
+    @classmethod
+    def from_config(cls, method_cfg, layers, max_length, encoder) -> TopK:
+        return cls(layers, max_length, encoder.dims.num_layers, keep=method_cfg.keep, target=method_cfg.get("target"))
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A model saved before solved_keep was saved with it trained with the config's keep.
         state_dict.setdefault(f"{prefix}solved_keep", self.solved_keep)
@@ -111,8 +126,12 @@ class TopK(TokenPruner):
         """The per-layer fractions and count tables of the keep in use: the config's, or the solved one."""
         if self.keep_solved:
             self.keep = float(self.solved_keep)
-        self.fractions = keep_fractions(self.layers, self.num_layers, self.keep)
+        self.fractions = self.schedule_fractions()
         self.counts = torch.stack([keep_counts(f, self.max_length) for f in self.fractions]).to(self.counts.device)
+
+    def schedule_fractions(self) -> list[float]:
+        """f_l for each pruned layer: top-k's line from 1 down to ``keep`` (``keep_fractions``)."""
+        return keep_fractions(self.layers, self.num_layers, self.keep)
 
     def calibrate(self, lengths: list[int], dims: EncoderDims) -> None:
         if self.target is not None:
@@ -120,17 +139,17 @@ class TopK(TokenPruner):
             self.keep_solved.fill_(True)
             self._schedule()
 
-    def knob_active(self, lam: float) -> bool:
-        return self.keep < 1
-
     def ranking(self, row: int, tokens: LayerTokens) -> torch.Tensor:
         """What the tokens are ranked by (higher is kept first)."""
         return tokens.score
 
-    def token_weights(self, values, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
+    def keep_weights(self, state, row: int, tokens: LayerTokens, hard: bool) -> torch.Tensor:
         rank = rank_tokens(self.ranking(row, tokens), tokens.alive)
         counts = self.counts[row][tokens.num_tokens]
         return (rank < counts[:, None]).to(tokens.score.dtype)
 
-    def keeps_all(self, values, row: int, length: int) -> bool:
+    def keeps_all(self, state, row: int, length: int) -> bool:
         return self.fractions[row] >= 1
+
+    def export_rule(self, state) -> dict:
+        return dict(rule="length_table", counts=self.counts.tolist())
