@@ -56,9 +56,15 @@ def _split_overrides(overrides: list[str]):
         parsed = OverridesParser.create().parse_overrides(expand_home(overrides))
     except HydraException as error:
         raise DynbertError(f"bad override: {_explain(error)}") from error
-    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
-    swept = {o.get_key_element(): o.input_line for o in parsed if o.is_sweep_override()}
+    # `sweep.params.task=sst2,stsb` means `task=sst2,stsb`: a sweep's own values for a key are replaced by
+    # the command line's. Passed on as written, Hydra would sweep the key `sweep.params.task` itself.
+    lines = [(o.input_line.removeprefix(SWEEP_PARAMS), o.is_sweep_override()) for o in parsed]
+    plain = [line for line, is_sweep in lines if not is_sweep]
+    swept = {_key(line): line for line, is_sweep in lines if is_sweep}
     return plain, swept
+
+
+SWEEP_PARAMS = "sweep.params."
 
 
 def plan_jobs(folder: Path, multiruns: list[list[str]]) -> list[tuple[Path, list[str]]]:

@@ -354,3 +354,12 @@ def test_a_run_another_process_completed_counts_as_complete_not_failed(tmp_path)
     assert _summarize(tmp_path, "ours", [ours, theirs, lost], console, stopped=False) == 1
     assert console.export_text().splitlines()[-1] == (
         "done 1, skipped (already complete) 0, failed 1, completed by another process 1")
+
+
+def test_a_sweep_params_key_on_the_command_line_replaces_the_sweeps_values_for_that_key(tmp_path):
+    """`sweep.params.lambda=0.1,0.3` once swept the key `sweep.params.lambda` itself: twice the runs, odd names."""
+    result = invoke(*SWEEP, "sweep.params.lambda=0.1,0.3", f"output_dir={tmp_path}", "--dry-run")
+    assert result.exit_code == 0, result.output
+    *folders, _ = result.stdout.strip().splitlines()
+    assert sorted(Path(folder).relative_to(tmp_path).as_posix() for folder in folders) == [
+        "synthetic/gates-lambda0.1-seed0", "synthetic/gates-lambda0.3-seed0", "synthetic/none-lambda0-seed0"]
