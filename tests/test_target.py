@@ -9,6 +9,7 @@ from dynbert.config import compose_config
 from dynbert.core import GatedModel, baseline_kept, flops_per_example
 from dynbert.encoders import EncoderDims, adapter_for, random_model
 from dynbert.methods import from_config
+from dynbert.methods.gates import Gates
 from dynbert.methods.target import FlopsTarget, ramped_target
 from dynbert.methods.topk import keep_for_target, schedule_kept
 from dynbert.sweep import plan_sweep
@@ -171,3 +172,9 @@ def test_target_gates_are_rounded_where_their_decisions_cost_the_target_on_the_t
     assert ratio.item() == pytest.approx(0.5, abs=0.03)
     hardened = (gates >= threshold).float()
     assert threshold_for_target(hardened, [1, 2, 3], DIMS, lengths, True, 0.5) == 1.0  # rounding again changes nothing
+
+
+def test_undecided_gates_with_a_target_are_told_to_harden_not_to_push_harder():
+    """With a target there is no bi-modal push: raising method.bimodal_weight would change nothing."""
+    assert "method.harden_at" in Gates([0, 1], 16, 2, target=0.5).undecided_advice
+    assert "method.bimodal_weight" in Gates([0, 1], 16, 2).undecided_advice

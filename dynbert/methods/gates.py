@@ -143,7 +143,13 @@ class Gates(TokenPruner):
     name = "gates"
     never_pruned_advice = ("the gates never closed: train longer (train.epochs), raise lambda or method.lr, "
                            "or let the gates start earlier (method.start)")
-    undecided_advice = "train longer (train.epochs), or raise method.bimodal_weight"
+
+    @property
+    def undecided_advice(self) -> str:
+        if self.flops_target is not None:  # no bi-modal push with a target: rounding is what decides
+            return ("set method.harden_at (e.g. 0.6), so the gates are rounded to the target there and the rest "
+                    "of training fine-tunes the model with the decisions it runs with")
+        return "train longer (train.epochs), or raise method.bimodal_weight"
 
     def __init__(self, layers: list[int], max_length: int, num_layers: int, score: str = "attention_received",
                  parametrization: str = "clip", monotone: bool = False, layer_weighting: str = "linear",
