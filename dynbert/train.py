@@ -81,8 +81,11 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     model, tokenizer = build_model(cfg.model, spec, cfg.task.max_length, all_texts(splits["train"]))
     gated = make_gated_model(model, cfg.method, cfg.task.max_length)
     encoded = {name: encode(examples, tokenizer, cfg.task.max_length, spec) for name, examples in splits.items()}
+    # A FLOPs target is met on the lengths of the inputs `method.target_inputs` names (methods/target.py):
+    # dev's where a method asks for them, since a task may train on shorter texts than it is scored on.
+    calibration = spec.eval_splits[0] if cfg.method.get("target_inputs", "train") == "dev" else "train"
     try:
-        gated.method.calibrate(encoded["train"].lengths, gated.encoder.dims)
+        gated.method.calibrate(encoded[calibration].lengths, gated.encoder.dims)
     except ValueError as error:  # a target the method cannot reach on this data
         raise DynbertError(f"bad method setting: {error}") from error
 

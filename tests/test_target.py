@@ -178,3 +178,21 @@ def test_undecided_gates_with_a_target_are_told_to_harden_not_to_push_harder():
     """With a target there is no bi-modal push: raising method.bimodal_weight would change nothing."""
     assert "method.harden_at" in Gates([0, 1], 16, 2, target=0.5).undecided_advice
     assert "method.bimodal_weight" in Gates([0, 1], 16, 2).undecided_advice
+
+
+@pytest.mark.parametrize("inputs, count", [("dev", 32), ("train", 64)])
+def test_the_gates_meet_a_target_on_the_lengths_method_target_inputs_names(tmp_path, monkeypatch, inputs, count):
+    """SST-2 trains on short phrases and is scored on long sentences: rounded on the training lengths, its
+    dev ratio missed 0.5 by 0.044. `dev` hands the method the lengths of the texts the run is scored on."""
+    seen = []
+    monkeypatch.setattr(Gates, "calibrate", lambda self, lengths, dims: seen.append(len(lengths)))
+    result = invoke("train", *FAST, *SYNTHETIC, "method.target=0.5", f"method.target_inputs={inputs}",
+                    f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    assert seen == [count]
+
+
+def test_a_bad_target_inputs_value_fails_before_any_work(tmp_path):
+    result = invoke("train", *FAST, *SYNTHETIC, "method.target_inputs=test", f"output_dir={tmp_path}")
+    assert result.exit_code != 0 and "method.target_inputs=test is not valid: pass one of dev, train" in result.stderr
+    assert not (tmp_path / "metrics.json").exists()

@@ -26,7 +26,7 @@ from ..core import SCORES, GatedOutput, LayerTokens, RegularizerParts, TokenPrun
 from ..errors import DynbertError
 from . import register
 from .stages import START, phase_progress
-from .target import FlopsTarget, threshold_for_target
+from .target import TARGET_INPUTS, FlopsTarget, threshold_for_target
 
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
@@ -182,6 +182,7 @@ class Gates(TokenPruner):
         check_choice(cfg, "method.sparsity", SPARSITY_TARGETS)
         check_choice(cfg, "method.ranks", RANK_INDEXING)
         check_choice(cfg, "method.bimodal_schedule", BIMODAL_SCHEDULES)
+        check_choice(cfg, "method.target_inputs", TARGET_INPUTS)
         check_non_negative(cfg, "method.lr", "method.bimodal_weight")
         bimodal, lam = cfg.method.bimodal_weight, cfg["lambda"]
         if bimodal * lam > MU_MAX:
