@@ -9,7 +9,10 @@ receives, or the CLS query's), and the method turns scores into keep weights in 
 (training): the token's attention output is scaled by its weight and, with ``mask_attention``,
 later layers add log(product of its weights) to its attention logits, so a weight of 0 removes
 the token as a key exactly as gathering does. Hard mode (inference): tokens with weight >= 0.5
-are kept and physically gathered; the sequence gets shorter, so later layers cost less.
+are kept and physically gathered; the sequence gets shorter, so later layers cost less. That
+step is the method's ``reduce`` hook: by default the gather, while a merging method (``tome``)
+combines tokens there and returns each token's size, which later layers add as log(size) to its
+attention logits.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ class LayerTokens:
     """(batch, input length) the original token ids."""
     num_tokens: torch.Tensor
     """(batch,) real tokens of each original input."""
+    hidden: torch.Tensor | None = None
+    """(batch, length, hidden) the attention sub-layer's output, the vectors the layer keeps or drops
+    (a merging method compares them)."""
 
 
 @dataclass
@@ -173,6 +179,22 @@ class TokenPruner(nn.Module):
         """Hard mode: True when layer ``row`` certainly keeps every token of a ``length``-long
         (gathered) input, so it need not score, rank or gather (scoring forces eager attention)."""
         return False
+
+    def reduce(self, state, row: int, hidden: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor,
+               sizes: torch.Tensor | None, hard: bool):
+        """The reduce step of pruned layer ``row``, after ``keep_weights``: (hidden, alive, positions, sizes).
+
+        ``hidden``: (batch, length, D) the attention sub-layer's output; ``keep``: (batch, length) the
+        tokens that stay (present and weight >= 0.5, CLS among them); ``sizes``: None, or (batch,
+        length) how many original tokens each token stands for (0 for tokens gone and pads), which
+        later layers add as log(size) to the token's attention logits. Hard mode (the default):
+        gather the kept tokens in their original order (``gather_tokens``). Soft mode (the default):
+        nothing moves; the engine then scales each token by its weight and masks it as a key.
+        A merging method overrides this to combine tokens first and returns the sizes it tracks.
+        """
+        if not hard:
+            return hidden, keep, positions, sizes
+        return gather_tokens(hidden, keep, positions, sizes)
 
     def regularizer(self, out: GatedOutput, lam: float, step: int, total_steps: int) -> RegularizerParts | None:
         return None
@@ -304,6 +326,7 @@ class GatedModel(nn.Module):
         if hard:  # columns that are padding in every example cost time, not FLOPs: drop them now
             hidden, real, positions = _gather_kept(hidden, real, positions)
             alive, kept_weight = real, real.to(hidden.dtype)
+        sizes = None  # set by a merging method's ``reduce``: how many input tokens each token stands for
         pruning = prune and bool(method.layers)
         state = method.prepare(hard) if pruning else None
         kept_counts, present_per_layer, kept_soft, keep_weights, scores_per_layer = [], [], [], [], []
@@ -317,7 +340,7 @@ class GatedModel(nn.Module):
             row = method.row.get(index) if pruning else None
             if row is not None and hard and method.keeps_all(state, row, hidden.size(1)):
                 row = None
-            bias = self._attention_bias(real, kept_weight, hidden.dtype)
+            bias = self._attention_bias(real, kept_weight, hidden.dtype, sizes)
             score_kwargs = {}
             if row is not None:
                 score_kwargs = dict(token_score=method.score, score_queries=alive.to(hidden.dtype))
@@ -328,12 +351,13 @@ class GatedModel(nn.Module):
                 scores_per_layer.append(_scatter_scores(ranked, alive, positions, length))
             if row is not None:
                 tokens = LayerTokens(score=score, alive=alive, positions=positions, input_ids=input_ids,
-                                     num_tokens=num_tokens)
+                                     num_tokens=num_tokens, hidden=attended)
                 weight = method.keep_weights(state, row, tokens, hard)
                 weight = torch.cat([torch.ones_like(weight[:, :1]), weight[:, 1:]], dim=1)  # CLS stays
                 keep = alive & (weight >= 0.5)
+                attended, reduced, positions, sizes = method.reduce(state, row, attended, keep, positions, sizes, hard)
                 if hard:
-                    attended, alive, positions = _gather_kept(attended, keep, positions)
+                    alive = reduced
                     real = alive
                     kept_weight = alive.to(hidden.dtype)
                 else:
@@ -372,14 +396,18 @@ class GatedModel(nn.Module):
                            flops_ratio_soft=flops_ratio_soft, flops_ratio_hard=flops_ratio_hard,
                            scores=torch.stack(scores_per_layer, dim=1) if return_scores else None)
 
-    def _attention_bias(self, real, kept_weight, dtype) -> torch.Tensor:
-        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else. The
+    def _attention_bias(self, real, kept_weight, dtype, sizes=None) -> torch.Tensor:
+        """Additive attention bias (batch, 1, 1, keys): -inf-like for pads, log of weights else, plus
+        log(size) of a merged token when a merging method tracks ``sizes`` (ToMe's proportional
+        attention: a token standing for s inputs is attended as s copies of itself would be). The
         adapter's ``attention`` adds its family's own terms (e.g. a relative position bias)."""
         blocked = torch.finfo(dtype).min
         if self.mask_attention:
             bias = torch.where(real & (kept_weight > 0), torch.log(kept_weight.clamp(min=_LOG_FLOOR)), blocked)
         else:
             bias = torch.where(real, 0.0, blocked).to(dtype)
+        if sizes is not None:  # tokens gone and pads have size 0 and stay blocked
+            bias = torch.where(sizes > 0, bias + torch.log(sizes.clamp(min=1)).to(bias.dtype), bias)
         return bias[:, None, None, :]
 
     def flops(self, out: GatedOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,6 +424,16 @@ def _gather_kept(hidden, keep, positions):
     index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :new_length]
     hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
     return hidden, keep.gather(1, index), positions.gather(1, index)
+
+
+def gather_tokens(hidden, keep, positions, sizes=None):
+    """``TokenPruner.reduce``'s default in hard mode: ``_gather_kept``, and the sizes (if any) of the
+    kept tokens gathered alike (0 in the padding): (hidden, alive, positions, sizes)."""
+    hidden, alive, gathered_positions = _gather_kept(hidden, keep, positions)
+    if sizes is not None:
+        index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :alive.size(1)]
+        sizes = torch.where(alive, torch.where(keep, sizes, 0).gather(1, index), 0)
+    return hidden, alive, gathered_positions, sizes
 
 
 def _scatter_present(present, positions, length) -> torch.Tensor:

@@ -81,7 +81,7 @@ def test_train_help_lists_the_config_groups():
         options = ", ".join(sorted(path.stem for path in (conf_dir() / group).glob("*.yaml")))
         assert f"{group}: {options}" in text
     assert "task: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb, synthetic, wnli" in text
-    assert "method: gates, ltp, none, power_bert, random, topk" in text and "experiment: demo" in text
+    assert "method: gates, ltp, none, power_bert, random, tome, topk" in text and "experiment: demo" in text
 
 
 def test_cfg_prints_the_resolved_config_and_writes_nothing(tmp_path, monkeypatch):

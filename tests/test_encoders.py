@@ -169,8 +169,10 @@ def test_hard_equals_soft_with_binary_decisions(name, method, score):
     assert (soft.logits - hard.logits).abs().max() <= 1e-4
 
 
-# The peer methods, set as tests/test_methods.py sets them to drop part of most inputs of LENGTHS.
-PEERS = {"power_bert": {}, "ltp": {"threshold": 0.1}, "topk": {"keep": 0.4}, "random": {"keep": 0.4}}
+# The peer methods, set as tests/test_methods.py sets them to drop part of most inputs of LENGTHS
+# (ToMe merges that part instead).
+PEERS = {"power_bert": {}, "ltp": {"threshold": 0.1}, "topk": {"keep": 0.4}, "random": {"keep": 0.4},
+         "tome": {"keep": 0.4}}
 
 
 @pytest.mark.parametrize("method", PEERS)

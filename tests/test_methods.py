@@ -1,6 +1,7 @@
 """The peer methods (PoWER-BERT, LTP, top-k, random) beside the paper's gates: each trains through
 the CLI and reloads, decides the same tokens in soft and gathered mode once its decisions are 0/1,
-costs what the FLOPs formula says, and does what its paper's stages say.
+costs what the FLOPs formula says, and does what its paper's stages say. ToMe, which merges tokens
+instead of dropping them, shares the engine tests here (tests/test_tome.py has the rest).
 
 The engine tests use test_core's tiny random BERT (hidden 32, 3 layers, 2 heads, length <= 16).
 """
@@ -23,6 +24,7 @@ from dynbert.evaluate import predict
 from dynbert.methods.ltp import FINE_TUNE, HARD, SOFT, LearnedTokenPruning
 from dynbert.methods.power_bert import PowerBert, retention_from
 from dynbert.methods.random_tokens import RandomTokens, token_hash
+from dynbert.methods.tome import TokenMerging, matching_macs
 from dynbert.methods.topk import TopK, keep_counts, keep_fractions
 from dynbert.rundir import load_run_config
 from dynbert.tasks import compute_metrics, get_task
@@ -32,6 +34,8 @@ from helpers import CONTRACT_KEYS, FAST, SYNTHETIC, comparable, invoke, read_jso
 from test_core import DIMS, HEADS, LAYERS, LENGTHS, MAX_LENGTH, make_batch, make_bert
 
 PEERS = ("power_bert", "ltp", "topk", "random")
+MERGING = ("tome",)
+"""Methods that merge tokens in the engine's reduce step instead of dropping them."""
 # Settings under which a 4-step smoke run really prunes, so reloading it proves something:
 # PoWER-BERT's weights take one big search step; LTP's thresholds start well above 1/length.
 PRUNING = {"gates": ["method.start=0", "method.lr=0.5", "lambda=1"],
@@ -40,7 +44,7 @@ PRUNING = {"gates": ["method.start=0", "method.lr=0.5", "lambda=1"],
            "topk": ["method.keep=0.3"],
            "random": ["method.keep=0.3"]}
 KNOBS = {"gates": ("lambda", 1.0), "power_bert": ("lambda", 1.0), "ltp": ("lambda", 0.1),
-         "topk": ("method.keep", 0.3), "random": ("method.keep", 0.3)}
+         "topk": ("method.keep", 0.3), "random": ("method.keep", 0.3), "tome": ("method.keep", 0.3)}
 
 
 def peer(name: str, seed: int = 0, model=None, layers=None) -> GatedModel:
@@ -59,6 +63,8 @@ def peer(name: str, seed: int = 0, model=None, layers=None) -> GatedModel:
         method.harden_()
     elif name == "topk":
         method = TopK(layers, MAX_LENGTH, LAYERS, keep=0.4)
+    elif name == "tome":
+        method = TokenMerging(layers, MAX_LENGTH, LAYERS, keep=0.4)
     else:
         method = RandomTokens(layers, MAX_LENGTH, LAYERS, keep=0.4, seed=seed)
     return GatedModel(model, method).eval()
@@ -109,7 +115,7 @@ def test_each_method_trains_and_reloads_with_the_same_hard_predictions(tmp_path,
 # 2. With 0/1 decisions, soft mode is the gathered model
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", [*PEERS, *MERGING])
 def test_hard_decisions_soft_equals_gathered_on_a_padded_mixed_length_batch(name):
     input_ids, attention_mask = make_batch(seed=3, width=15)
     pads = ~attention_mask.bool()
@@ -128,7 +134,7 @@ def test_hard_decisions_soft_equals_gathered_on_a_padded_mixed_length_batch(name
     assert pruned_somewhere, "no token was ever dropped: the test proves nothing"
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", [*PEERS, *MERGING])
 def test_an_example_alone_keeps_what_it_keeps_in_a_padded_batch(name):
     """Decisions depend on the input, not on its batch: LTP's score is a mean over the input's own
     present queries (their code divides by the padded length), top-k counts the input's own tokens."""
@@ -147,7 +153,7 @@ def test_an_example_alone_keeps_what_it_keeps_in_a_padded_batch(name):
 
 
 @pytest.mark.parametrize("layers", [None, [1]])
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", [*PEERS, *MERGING])
 def test_analytic_flops_match_counter(name, layers):
     gated = peer(name, seed=9, layers=layers)
     input_ids, attention_mask = make_batch(lengths=(13,), seed=9)
@@ -155,6 +161,9 @@ def test_analytic_flops_match_counter(name, layers):
         out = gated(input_ids, attention_mask, hard=True)
     assert out.kept[0, -1] < 13, "nothing pruned: the check would only repeat the baseline's"
     analytic = flops_per_example(out.num_tokens, out.kept, DIMS)
+    if name in MERGING:  # plus ToMe's similarity product, which the engine's count leaves out (docs/methods.md)
+        entering = torch.cat([out.num_tokens[:, None], out.kept[:, :-1]], dim=1)[:, gated.method.layers]
+        analytic = analytic + 2 * matching_macs(entering, DIMS.hidden).sum(dim=1)
     counted = count_matmul_flops(gated, input_ids, attention_mask, hard=True)
     assert abs(float(analytic[0]) - counted) / counted <= 0.01, f"analytic {float(analytic[0])}, counted {counted}"
 

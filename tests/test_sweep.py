@@ -261,7 +261,7 @@ def test_plan_gives_each_method_its_own_grid_and_routes_keys_to_the_methods_that
     _, runs, _ = plan_sweep(["method=gates,ltp,random", "lambda=0,0.5"])
     assert sum("lambda=0,0.5" in run for run in runs) == 2
     # A key that no swept method has is one sentence, before anything runs.
-    with pytest.raises(DynbertError, match="method.keep is the knob of random, topk"):
+    with pytest.raises(DynbertError, match="method.keep is the knob of random, tome, topk"):
         plan_sweep(["method=gates,ltp", "method.keep=0.5"])
     with pytest.raises(DynbertError, match="lambda is the knob of .*no swept method \\(topk\\)"):
         plan_sweep(["method=topk", "lambda=0,0.1"])
