@@ -17,8 +17,8 @@ shrinks, may turn negative and lets tokens back. λ2 (CoFi's quadratic term) onl
 
 A batch's ratio swings with its lengths (relative ranks round a 3-token phrase coarsely), so the
 gates' state at any one step costs the target only roughly; the gates are therefore rounded at the
-threshold whose decisions cost the target on the training set's lengths (``threshold_for_target``),
-not at 0.5, and not pushed to 0 or 1 by the bi-modal term beforehand.
+threshold whose decisions cost the target on the lengths of ``method.target_inputs`` (dev's texts by
+default, ``threshold_for_target``), not at 0.5, and not pushed to 0 or 1 by the bi-modal term beforehand.
 
 What first versions did, on SST-2 (MiniLM, seed 0): the FLOPs ratio itself as the pull made a token
 dropped early the cheapest saving (layer 2 cut to 68%, layer 6 to 5%: 81.77 against 85.55 at
