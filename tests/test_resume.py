@@ -36,6 +36,10 @@ RUN = [*FAST, *SYNTHETIC, *MOVING_GATES, "train.max_steps=10", "train.checkpoint
 def own_signals():
     """train() routes SIGINT/SIGTERM through dynbert in this process; put everything back after."""
     saved = {signum: signal.getsignal(signum) for signum in stop.SIGNALS}
+    # As a command started at a terminal has them: pytest started in the background (`cmd &` in a
+    # script) inherits SIGINT ignored, which dynbert rightly leaves alone.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     yield
     stop._requested = None
     for signum, handler in saved.items():
