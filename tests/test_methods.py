@@ -172,12 +172,12 @@ def test_analytic_flops_match_counter(name, layers):
 # 4. Top-k and random
 
 
-@pytest.mark.parametrize("name", ["topk", "random"])
+@pytest.mark.parametrize("name", ["topk", "random", "tome"])
 def test_keeping_everything_is_plain_bert(name):
     model = make_bert(seed=5)
     reference = copy.deepcopy(model)
-    cls = TopK if name == "topk" else RandomTokens
-    extra = {} if name == "topk" else {"seed": 0}
+    cls = {"topk": TopK, "random": RandomTokens, "tome": TokenMerging}[name]
+    extra = {"seed": 0} if name == "random" else {}
     gated = GatedModel(model, cls(list(range(LAYERS)), MAX_LENGTH, LAYERS, keep=1.0, **extra)).eval()
     input_ids, attention_mask = make_batch(seed=5)
     with torch.no_grad():
