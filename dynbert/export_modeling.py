@@ -84,23 +84,40 @@ def hash_state(seed: int, layer: int) -> int:
     return _mix((seed * 1_000_003 + layer) & _MASK32)
 
 
-def _rank(score, present):
+def _rank(score, present, cls_key):
     """Rank of each token: CLS first, then present tokens by score (ties: original order), then the rest.
+    ``cls_key``: (batch, 1) of +inf, made once per forward.
 
-    dynbert ranks by a stable sort; counting, for each token, the tokens ranked before it gives the
-    same ranks with comparisons only (ONNX has no stable sort), at a cost far below attention's.
+    dynbert ranks by a stable sort. An exported graph ranks by ONNX TopK, which breaks ties by the
+    lower index first, i.e. as a stable sort does; its inverse permutation is a second TopK over
+    distinct values. Two nodes, where counting pairwise comparisons took a dozen.
     """
     key = torch.where(present, score, -1.0)
-    key = torch.cat([torch.full_like(key[:, :1], math.inf), key[:, 1:]], dim=1)
-    order = torch.arange(key.size(1), device=key.device)
-    earlier = order[None, :] < order[:, None]  # [i, j]: token j comes before token i
-    before = (key[:, None, :] > key[:, :, None]) | ((key[:, None, :] == key[:, :, None]) & earlier)
-    return before.sum(dim=2)
+    key = torch.cat([cls_key, key[:, 1:]], dim=1)
+    if torch.compiler.is_exporting():
+        order = torch.topk(key, key.size(1), dim=1).indices
+        return torch.topk(order, order.size(1), dim=1, largest=False).indices
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    return torch.argsort(order, dim=1)
+
+
+def _keeping_rank_zero(name, values):
+    """A ranking rule's values with rank 0 kept: ``_rank`` gives CLS rank 0 always, and dynbert keeps
+    CLS whatever the rule says, so the rule keeps it here without a step of its own in the graph."""
+    if name == "open":  # per layer, entry 0 open
+        return [[True] + list(row[1:]) for row in values]
+    if name == "retention":  # per layer, at least one token
+        return [max(int(value), 1) for value in values]
+    if name == "counts":  # per layer and input length, at least one token
+        return [[max(int(value), 1) for value in row] for row in values]
+    return values
 
 
 def _gather_kept(hidden, keep, positions):
-    """Drop tokens: the kept ones in their original order, padded to the most any row keeps."""
-    longest = keep.sum(dim=1).max()
+    """Drop tokens: the kept ones in their original order, padded to the most any row keeps.
+    Returns the gathered (hidden, alive, positions) and each row's count of kept tokens."""
+    count = keep.sum(dim=1)
+    longest = count.max()
     if torch.compiler.is_exporting():
         # In an exported graph the kept count is data: a size the graph computes, not a constant.
         longest = longest.item()
@@ -108,15 +125,18 @@ def _gather_kept(hidden, keep, positions):
         torch._check(longest <= keep.size(1))
     else:
         longest = int(longest)
-    # Kept tokens first, each group in its original order: unique keys, so a top-k orders them as a
-    # stable sort would (and exports as ONNX TopK).
+    # Kept tokens first, each group in its original order, as dynbert's stable sort orders them.
     batch, length, width = hidden.shape
-    order = torch.arange(length, device=keep.device)
-    index = torch.topk((~keep).long() * length + order, longest, dim=1, largest=False).indices
+    if torch.compiler.is_exporting():  # ONNX TopK puts equal values in index order: kept first, each group in order
+        kept_first = torch.topk(keep.to(torch.float32), longest, dim=1)
+        index, alive = kept_first.indices, kept_first.values.bool()
+    else:
+        index = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :longest]
+        alive = keep.gather(1, index)
     # Whole rows of the flattened batch (ONNX Gather), not an index per element (GatherElements).
     rows = (index + torch.arange(batch, device=keep.device)[:, None] * length).reshape(-1)
     hidden = hidden.reshape(-1, width).index_select(0, rows).view(batch, index.size(1), width)
-    return hidden, keep.gather(1, index), positions.gather(1, index)
+    return hidden, alive, positions.gather(1, index), count
 
 
 @dataclass
@@ -158,7 +178,8 @@ class _PrunedForward:
         num_tokens = real.sum(dim=1)
         positions = torch.arange(length, device=input_ids.device).expand(batch, length)
         # Columns that are padding in every example cost time: drop them first, as dynbert does.
-        hidden, alive, positions = _gather_kept(hidden, real, positions)
+        hidden, alive, positions, count = _gather_kept(hidden, real, positions)
+        cls_key = torch.full((batch, 1), math.inf, dtype=hidden.dtype, device=hidden.device)
         kept = []
         for index, layer in enumerate(self._encoder_layers()):
             row = self.row.get(index)
@@ -169,11 +190,14 @@ class _PrunedForward:
             score_kwargs = dict(token_score=self.score_name, score_queries=alive.to(hidden.dtype)) if scoring else {}
             attended, score = self._attention(layer, hidden, bias, **score_kwargs)
             if row is not None:
-                decision = self._decide(row, score, alive, positions, input_ids, num_tokens)
-                keep = alive & torch.cat([torch.ones_like(decision[:, :1]), decision[:, 1:]], dim=1)
-                attended, alive, positions = _gather_kept(attended, keep, positions)
+                present = count[:, None].clamp(min=1)
+                decision = self._decide(row, score, alive, present, positions, input_ids, num_tokens, cls_key)
+                if self.rule == "threshold":  # the ranking rules keep rank 0, CLS, through their tables
+                    decision = torch.cat([torch.ones_like(decision[:, :1]), decision[:, 1:]], dim=1)
+                keep = alive & decision
+                attended, alive, positions, count = _gather_kept(attended, keep, positions)
             hidden = self._feed_forward(layer, attended)
-            kept.append(alive.sum(dim=1))
+            kept.append(count)
         logits = self._head(hidden)
         loss = None if labels is None else self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
         output = PrunedClassifierOutput(loss=loss, logits=logits, kept=torch.stack(kept, dim=1))
@@ -189,33 +213,34 @@ class _PrunedForward:
         """The rule's values ``name`` as a tensor on ``device``. Made on first use, not in __init__:
         from_pretrained builds the model on the meta device, where a tensor made there holds nothing."""
         if torch.compiler.is_exporting():  # a constant of the graph; a traced tensor must not be kept
-            return torch.tensor(self.config.dynbert[name], dtype=_TABLE_DTYPES[name], device=device)
+            return torch.tensor(_keeping_rank_zero(name, self.config.dynbert[name]), dtype=_TABLE_DTYPES[name],
+                                device=device)
         key = (name, device)
         if key not in self._tables:
-            self._tables[key] = torch.tensor(self.config.dynbert[name], dtype=_TABLE_DTYPES[name], device=device)
+            self._tables[key] = torch.tensor(_keeping_rank_zero(name, self.config.dynbert[name]),
+                                             dtype=_TABLE_DTYPES[name], device=device)
         return self._tables[key]
 
-    def _decide(self, row, score, alive, positions, input_ids, num_tokens):
-        """(batch, length) bool: the tokens the rule keeps at pruned layer ``row`` (CLS is kept anyway)."""
+    def _decide(self, row, score, alive, present, positions, input_ids, num_tokens, cls_key):
+        """(batch, length) bool: the tokens the rule keeps at pruned layer ``row`` (CLS is kept anyway);
+        ``present``: (batch, 1) the tokens still there, at least 1."""
         if self.rule == "rank_table":
-            index = _rank(score, alive)
+            index = _rank(score, alive, cls_key)
             if self.relative:  # rank r of the n present meets entry floor(r·N/n): a share of each input
-                present = alive.sum(dim=1, keepdim=True).clamp(min=1)
                 index = (index * self.max_length).div(present, rounding_mode="floor").clamp(max=self.max_length - 1)
-            return self._table("open", alive.device)[row].gather(0, index.flatten()).view_as(index)
+            return self._table("open", alive.device)[row][index]
         if self.rule == "retention":
-            rank, retention = _rank(score, alive), self._table("retention", alive.device)[row]
+            rank, retention = _rank(score, alive, cls_key), self._table("retention", alive.device)[row]
             if self.relative:  # the first k/N of the ranked tokens: floor(r·N/n) < k, i.e. r·N < k·n
-                return rank * self.max_length < retention * alive.sum(dim=1, keepdim=True).clamp(min=1)
+                return rank * self.max_length < retention * present
             return rank < retention
         if self.rule == "threshold":
-            present_queries = alive.sum(dim=1, keepdim=True).clamp(min=1)
-            return score / (self.num_heads * present_queries) >= self._table("thresholds", alive.device)[row]
+            return score / (self.num_heads * present) >= self._table("thresholds", alive.device)[row]
         if self.rule == "random":
             token_ids = input_ids.gather(1, positions)
             state = _mix(self._table("hash_states", alive.device)[row] ^ positions)
             score = (_mix(state ^ token_ids) // 256).float() / 2**24
-        return _rank(score, alive) < self._table("counts", alive.device)[row][num_tokens][:, None]
+        return _rank(score, alive, cls_key) < self._table("counts", alive.device)[row][num_tokens][:, None]
 
 
 # Each family's config under a model_type of its own: transformers then loads the folder only with

@@ -228,6 +228,48 @@ def test_onnx_export_runs_in_onnxruntime_as_dynbert_does(runs, tmp_path):
         assert [predictor.spec.label_names[i] for i in logits.argmax(-1)] == [record["label"] for record in records]
 
 
+@pytest.mark.parametrize("name", ["gates", "power_bert", "ltp", "topk", "electra-gates"])
+def test_every_rule_exports_to_onnx_and_agrees_with_dynbert(runs, tmp_path, name):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
+    result = invoke("export", runs[name], "--out", tmp_path / "onnx", "--format", "onnx")
+    assert result.exit_code == 0, result.output
+    check = read_json(tmp_path / "onnx" / REPORT_FILE)["check"]["onnxruntime"]
+    assert check["agreement"] >= AGREEMENT_WANTED and check["same_kept"] == 1, check
+    assert check["max_abs_logit_difference"] <= 1e-3, check
+
+
+def test_the_graph_ranks_and_gathers_ties_as_dynbert_stable_sort_does(tmp_path):
+    """The export ranks and orders kept tokens with ONNX TopK, whose ties go to the lower index first; dynbert
+    (and the eager forward) uses a stable sort. Scores here tie on purpose, and most tokens are kept."""
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
+    from torch.export import Dim
+
+    from dynbert import export_modeling
+
+    class RankAndGather(torch.nn.Module):
+        def forward(self, score, present, keep):
+            cls_key = torch.full((score.size(0), 1), float("inf"))
+            hidden = torch.arange(score.size(1), dtype=torch.float32).expand(score.size(0), -1)[..., None]
+            gathered, alive, _, count = export_modeling._gather_kept(hidden, keep, torch.zeros_like(score).long())
+            return export_modeling._rank(score, present, cls_key), gathered[..., 0], alive, count
+
+    generator = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 3, (6, 12), generator=generator).float()  # three values: ties everywhere
+    present = torch.rand(6, 12, generator=generator) > 0.2
+    keep = (torch.rand(6, 12, generator=generator) > 0.4) & present
+    keep[:, 0] = True
+    axes = {0: Dim("batch"), 1: Dim("sequence", max=64)}
+    program = torch.onnx.export(RankAndGather(), (score, present, keep), dynamo=True,
+                                input_names=["score", "present", "keep"],
+                                dynamic_shapes={"score": axes, "present": axes, "keep": axes}, verbose=False)
+    program.save(str(tmp_path / "rank.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "rank.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"score": score.numpy(), "present": present.numpy(), "keep": keep.numpy()})
+    eager = RankAndGather()(score, present, keep)
+    for got, want in zip(exported, eager):
+        assert got.tolist() == want.tolist()
+
+
 @pytest.mark.slow
 def test_serve_bench_times_dense_and_pruned_models_on_the_dev_texts(runs, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
