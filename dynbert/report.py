@@ -109,9 +109,10 @@ def _identity(run: dict) -> dict[str, str | None] | None:
 
 
 def _assign_variants(runs: list[dict]) -> None:
-    """Set each run's `variant`: ((key, value), ...) for the identity keys in which the runs of its task
-    and method differ, sorted by key, less those not its own to compare (None in its identity); () where
-    none differ, and for a run without config.yaml.
+    """Set each run's `variant`: ((key, value), ...) for the identity keys in which the runs of one task
+    and its method differ (on any task: the same recipe is labelled alike on every task, so it stays one
+    column of the compare table), sorted by key, less those not its own to compare (None in its identity);
+    () where none differ, and for a run without config.yaml.
 
     A key one config lacks counts as null there: a key added to conf/ since is null where it means
     nothing, and older runs must not split off for it.
@@ -123,9 +124,12 @@ def _assign_variants(runs: list[dict]) -> None:
     differing = {family: sorted(key for key in set().union(*members)
                                 if len({identity.get(key, "null") for identity in members} - {None}) > 1)
                  for family, members in families.items()}
+    by_method: dict[str, set] = defaultdict(set)
+    for (_, method), keys in differing.items():
+        by_method[method].update(keys)
     for run in runs:
         identity = run["identity"]
-        keys = differing.get((run["task"], run["method"]), []) if identity is not None else []
+        keys = sorted(by_method[run["method"]]) if identity is not None else []
         run["variant"] = tuple((key, identity.get(key, "null")) for key in keys
                                if identity.get(key, "null") is not None)
 

@@ -464,6 +464,21 @@ def test_runs_that_differ_in_a_config_key_are_separate_rows_with_their_variant(t
     assert len({tuple(c.get_facecolor()[0]) for c in gates}) == 1 and len({c.get_paths()[0].vertices.tobytes() for c in gates}) == 2
 
 
+def test_a_recipe_is_one_variant_on_every_task_even_where_it_ran_alone(tmp_path):
+    """sst2 ran the gates with two layer sets, stsb with one: stsb's run is the same recipe as one of
+    sst2's and must sit in its column of the compare table, not in a column of its own."""
+    for task, layers in (("sst2", "[1,2]"), ("sst2", "[2]"), ("stsb", "[1,2]")):
+        folder = write_run(tmp_path, f"{task}/gates-lambda0.1-seed0-{len(layers)}", task=task, flops_ratio=0.5,
+                           **{"lambda": 0.1})
+        write_config(folder, lam=0.1, task__name=task, method__layers=layers)
+    runs, _ = load_runs(tmp_path)
+    assert sorted((run["task"], run["variant"]) for run in runs) == [
+        ("sst2", (("method.layers", "[1,2]"),)), ("sst2", (("method.layers", "[2]"),)),
+        ("stsb", (("method.layers", "[1,2]"),))]
+    header = render_table(tmp_path, "compare").splitlines()[0]
+    assert header.count("gates (") == 2, header
+
+
 def test_only_a_true_duplicate_warns_and_a_run_without_config_groups_by_its_knob(tmp_path):
     first = write_run(tmp_path, "a/gates-lambda0.1-seed0", score=0.9, **{"lambda": 0.1})
     again = write_run(tmp_path, "b/gates-lambda0.1-seed0", score=0.8, **{"lambda": 0.1})
