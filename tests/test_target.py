@@ -150,28 +150,51 @@ def test_the_counts_a_rounding_threshold_gives_are_what_hard_mode_keeps(relative
     mask = torch.ones_like(ids)
     for row, length in enumerate([16, 11, 6, 3]):
         mask[row, length:] = 0
-    threshold = 0.6
-    method.gates.harden_(threshold)
+    method.gates.harden_(method.gates().ge(0.6))
     with torch.no_grad():
         kept = gated(ids, mask, hard=True).kept
     gates = method.gates().detach()
     assert torch.equal(rounded_counts(gates, [1, 2], 3, mask.sum(1), relative, 0.5), kept)
 
 
-def test_target_gates_are_rounded_where_their_decisions_cost_the_target_on_the_training_lengths():
-    from dynbert.methods.target import rounded_counts, threshold_for_target
+def _rounded_ratio(is_open: torch.Tensor, lengths: list[int]) -> float:
+    from dynbert.methods.target import rounded_counts
+
+    n = torch.tensor(lengths)
+    kept = rounded_counts(is_open.float(), [1, 2, 3], 4, n, True, 0.5)
+    return (flops_per_example(n, kept, DIMS).mean() / flops_per_example(n, baseline_kept(n, 4), DIMS).mean()).item()
+
+
+def test_target_gates_are_rounded_where_their_decisions_cost_the_target_on_the_given_lengths():
+    from dynbert.methods.target import gates_to_open
 
     torch.manual_seed(0)
     gates = torch.rand(3, 32)
     gates[:, 0] = 1
     lengths = [4, 9, 9, 17, 25, 32, 32, 12]
-    threshold = threshold_for_target(gates, [1, 2, 3], DIMS, lengths, True, 0.5)
-    n = torch.tensor(lengths)
-    ratio = (flops_per_example(n, rounded_counts(gates, [1, 2, 3], 4, n, True, threshold), DIMS).mean()
-             / flops_per_example(n, baseline_kept(n, 4), DIMS).mean())
-    assert ratio.item() == pytest.approx(0.5, abs=0.03)
-    hardened = (gates >= threshold).float()
-    assert threshold_for_target(hardened, [1, 2, 3], DIMS, lengths, True, 0.5) == 1.0  # rounding again changes nothing
+    is_open = gates_to_open(gates, [1, 2, 3], DIMS, lengths, True, 0.5)
+    assert _rounded_ratio(is_open, lengths) == pytest.approx(0.5, abs=0.03)
+    assert gates[is_open].min() >= gates[~is_open].max()  # the highest gates open
+    hardened = is_open.float()
+    assert torch.equal(gates_to_open(hardened, [1, 2, 3], DIMS, lengths, True, 0.5), is_open)  # idempotent
+
+
+def test_clipped_gates_tied_at_0_and_1_still_round_to_the_target():
+    """Clipped gates end at exactly 0 or 1 by the dozen; a threshold on the values can only open all
+    the gates at 1 (here 0.16 of the FLOPs) or all of them (1.0). Ties open by rank, then by layer."""
+    from dynbert.methods.target import gates_to_open
+
+    gates = torch.zeros(3, 32)
+    gates[:, :4] = 1
+    gates[0, 4:20] = 0.3  # a few in between: opened before the zeros
+    lengths = [4, 9, 9, 17, 25, 32, 32, 12]
+    is_open = gates_to_open(gates, [1, 2, 3], DIMS, lengths, True, 0.6)
+    assert _rounded_ratio(is_open, lengths) == pytest.approx(0.6, abs=0.03)
+    assert is_open[:, :4].all() and is_open[0, 4:20].all()
+    # The zeros that opened are the lowest ranks: no closed gate sits before an open one in a layer.
+    for row in (1, 2):
+        opened = is_open[row].nonzero().flatten().tolist()
+        assert opened == list(range(len(opened)))
 
 
 def test_undecided_gates_with_a_target_are_told_to_harden_not_to_push_harder():

@@ -26,7 +26,7 @@ from ..core import SCORES, GatedOutput, LayerTokens, RegularizerParts, TokenPrun
 from ..errors import DynbertError
 from . import register
 from .stages import START, phase_progress
-from .target import TARGET_INPUTS, FlopsTarget, threshold_for_target
+from .target import TARGET_INPUTS, FlopsTarget, gates_to_open
 
 PARAMETRIZATIONS = ("clip", "sigmoid")
 LAYER_WEIGHTINGS = ("linear", "none")
@@ -69,9 +69,12 @@ class TokenGates(nn.Module):
             self.raw.clamp_(0.0, 1.0)
 
     @torch.no_grad()
-    def harden_(self, threshold: float = 0.5) -> None:
-        """Make every gate exactly 0 or 1 (g >= threshold opens), so soft mode equals hard mode."""
-        is_open = self().ge(threshold)
+    def harden_(self, is_open: torch.Tensor | None = None) -> None:
+        """Make every gate exactly 0 or 1, so soft mode equals hard mode: ``is_open`` (a bool per gate),
+        or by default g >= 0.5."""
+        if is_open is None:
+            is_open = self().ge(0.5)
+        is_open = is_open.to(self.raw.device)
         if self.parametrization == "clip":
             self.raw.copy_(is_open.float())
         else:
@@ -259,13 +262,13 @@ class Gates(TokenPruner):
             self.flops_target.ascend()
 
     def harden_(self) -> None:
-        """Round the gates at 0.5; with a FLOPs target, at the threshold whose decisions cost the
-        target on the training inputs' lengths (idempotent: gates already 0/1 offer 1 alone)."""
-        threshold = 0.5
+        """Round the gates at 0.5; with a FLOPs target, open the gates whose decisions cost the target on
+        the lengths of ``method.target_inputs`` (``gates_to_open``; idempotent: gates already 0/1 stay)."""
+        is_open = None
         if self.flops_target is not None and self._lengths is not None:
-            threshold = threshold_for_target(self.gates().detach().cpu(), self.layers, self._dims, self._lengths,
-                                             self.relative, self.flops_target.target)
-        self.gates.harden_(threshold)
+            is_open = gates_to_open(self.gates().detach().cpu(), self.layers, self._dims, self._lengths,
+                                    self.relative, self.flops_target.target)
+        self.gates.harden_(is_open)
 
 
 @torch.no_grad()
