@@ -197,6 +197,24 @@ def test_clipped_gates_tied_at_0_and_1_still_round_to_the_target():
         assert opened == list(range(len(opened)))
 
 
+def test_power_bert_fixes_a_retention_that_costs_the_target_on_the_given_lengths():
+    """PoWER-BERT fixed k_l = ⌊Σ W⌋ from one step's weights, on the training lengths (SST-2, seed 0: 0.371
+    on dev for 0.5); with a target the same rule, scaled, meets it, and keeps the searched shape."""
+    from dynbert.methods.power_bert import PowerBert
+
+    torch.manual_seed(0)
+    method = PowerBert([1, 2, 3], 32, ranks="relative", target=0.7)  # ⌊Σ W⌋ alone: 0.48
+    with torch.no_grad():
+        method.retention_weights.raw.copy_(torch.rand(3, 32) * torch.tensor([[0.9], [0.5], [0.2]]))
+    lengths = [4, 9, 9, 17, 25, 32, 32, 12]
+    method.calibrate(lengths, DIMS)
+    method.fix_retention_()
+    retention = method.retention
+    assert retention.tolist() == sorted(retention.tolist(), reverse=True) and retention.min() >= 1
+    table = (torch.arange(32)[None, :] < retention[:, None])
+    assert _rounded_ratio(table, lengths) == pytest.approx(0.7, abs=0.03)
+
+
 def test_undecided_gates_with_a_target_are_told_to_harden_not_to_push_harder():
     """With a target there is no bi-modal push: raising method.bimodal_weight would change nothing."""
     assert "method.harden_at" in Gates([0, 1], 16, 2, target=0.5).undecided_advice

@@ -30,7 +30,7 @@ from ..core import LayerTokens, RegularizerParts, TokenPruner, rank_tokens
 from . import register
 from .gates import RANK_INDEXING, TokenGates
 from .stages import START, lr_window, phase_progress, reached
-from .target import FlopsTarget
+from .target import TARGET_INPUTS, FlopsTarget, retention_for_target
 
 
 # A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
@@ -91,6 +91,7 @@ class PowerBert(TokenPruner):
         # k_l once fixed; 0 until the retraining stage (a fixed k_l is at least 1: CLS).
         self.register_buffer("retention", torch.zeros(len(layers), dtype=torch.long))
         self.lr, self.start, self.retrain_at = lr, start, retrain_at
+        self._lengths, self._dims = None, None  # the inputs a target is met on (``calibrate``)
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -99,6 +100,7 @@ class PowerBert(TokenPruner):
         check_fraction(cfg, "method.retrain_at", "the fraction of training where PoWER-BERT's retraining begins, "
                        "e.g. 0.65", after="method.start")
         check_choice(cfg, "method.ranks", RANK_INDEXING)
+        check_choice(cfg, "method.target_inputs", TARGET_INPUTS)
 
     @classmethod
     def from_config(cls, method_cfg, layers, max_length, encoder) -> PowerBert:
@@ -114,9 +116,19 @@ class PowerBert(TokenPruner):
         """k_l: the fixed one, or what the search's weights would give now."""
         return self.retention if self.retention_fixed else retention_from(self.retention_weights())
 
+    def calibrate(self, lengths: list[int], dims) -> None:
+        self._lengths, self._dims = lengths, dims
+
     @torch.no_grad()
     def fix_retention_(self) -> None:
-        self.retention.copy_(retention_from(self.retention_weights()))
+        """k_l from the search's weights; with a FLOPs target, scaled to cost it on the lengths of
+        ``method.target_inputs`` (``retention_for_target``)."""
+        weights = self.retention_weights().detach().cpu()
+        if self.flops_target is not None and self._lengths is not None:
+            counts = retention_for_target(weights, self.layers, self._dims, self._lengths, self.flops_target.target)
+        else:
+            counts = retention_from(weights)
+        self.retention.copy_(counts)
 
     def prepare(self, hard: bool) -> RetentionState:
         if hard or self.retention_fixed:
