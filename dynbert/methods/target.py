@@ -152,38 +152,3 @@ def gates_to_open(gates: torch.Tensor, layers: list[int], dims, lengths: list[in
                key=lambda count: abs(ratio(count) - target))
     return opened(best)
 
-
-def retention_for_target(weights: torch.Tensor, layers: list[int], dims, lengths: list[int],
-                         target: float) -> torch.Tensor:
-    """PoWER-BERT's k_l (relative ranks: the share k_l/N of each input) for a FLOPs target: its own rule
-    ``k_l = ⌊α·Σ_j W_lj⌋`` (non-increasing over layers, at least 1) with the one scale α whose
-    decisions cost ``target`` on inputs of these lengths, the nearest of the counts α can give.
-
-    The search holds the batch's ratio near the target on average, but k_l is fixed from the weights
-    of one step, and on the training lengths: on SST-2 (seed 0) that fixed 0.371 on dev for a target
-    of 0.5. The scale keeps the shape the search found and moves its level to the target."""
-    from ..core import baseline_kept, flops_per_example
-    from .power_bert import retention_from
-
-    distinct, times = torch.unique(torch.tensor(lengths), return_counts=True)
-    share = times.double() / times.sum()
-    full = (flops_per_example(distinct, baseline_kept(distinct, dims.num_layers), dims) * share).sum()
-    size = weights.size(1)
-    mass = weights.sum(dim=1).clamp(min=1.0)  # CLS's weight counts; a row at 0 still scales
-
-    def counts(scale: float) -> torch.Tensor:
-        return retention_from((mass * scale)[:, None] / size * torch.ones(1, size))
-
-    def ratio(retention: torch.Tensor) -> float:
-        table = (torch.arange(size)[None, :] < retention[:, None]).float()  # rank share j/N < k_l/N opens
-        kept = rounded_counts(table, layers, dims.num_layers, distinct, True, 0.5)
-        return float((flops_per_example(distinct, kept, dims) * share).sum() / full)
-
-    low, high = 0.0, float(size / mass.min())  # every k_l at 1 .. every k_l at N
-    for _ in range(40):  # the counts are steps of α: bisect to the first α at or above the target
-        middle = (low + high) / 2
-        if ratio(counts(middle)) < target:
-            low = middle
-        else:
-            high = middle
-    return min((counts(low), counts(high)), key=lambda retention: abs(ratio(retention) - target))
