@@ -212,13 +212,15 @@ class _PrunedForward:
     def _table(self, name, device):
         """The rule's values ``name`` as a tensor on ``device``. Made on first use, not in __init__:
         from_pretrained builds the model on the meta device, where a tensor made there holds nothing."""
-        if torch.compiler.is_exporting():  # a constant of the graph; a traced tensor must not be kept
+        def make():
             return torch.tensor(_keeping_rank_zero(name, self.config.dynbert[name]), dtype=_TABLE_DTYPES[name],
                                 device=device)
+
+        if torch.compiler.is_exporting():  # a constant of the graph; a traced tensor must not be kept
+            return make()
         key = (name, device)
         if key not in self._tables:
-            self._tables[key] = torch.tensor(_keeping_rank_zero(name, self.config.dynbert[name]),
-                                             dtype=_TABLE_DTYPES[name], device=device)
+            self._tables[key] = make()
         return self._tables[key]
 
     def _decide(self, row, score, alive, present, positions, input_ids, num_tokens, cls_key):

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..checks import check_choice, check_fraction, check_non_negative
-from ..core import LayerTokens, RegularizerParts, TokenPruner, baseline_kept, flops_per_example, rank_tokens
+from ..core import LayerTokens, RegularizerParts, TokenPruner, rank_tokens
 from . import register
 from .gates import RANK_INDEXING, TokenGates
 from .stages import START, lr_window, phase_progress, reached
-from .target import TARGET_INPUTS, FlopsTarget, rounded_counts
+from .target import TARGET_INPUTS, FlopsTarget, flops_ratio_on
 
 
 # A sum that is an integer but for float error (weights at exactly 1, say) must not lose a token.
@@ -45,8 +45,12 @@ _LEAST_REACH = 0.5
 def retention_from(weights: torch.Tensor) -> torch.Tensor:
     """k_l = ⌊Σ_j W_lj⌋ (CLS's weight, 1, counted), at least 1, then non-increasing over layers: a
     layer keeps no more than the one before it (their ``get_configuration``)."""
+    return _retention_from_mass(weights.sum(dim=1), weights.size(1))
+
+
+def _retention_from_mass(mass: torch.Tensor, size: int) -> torch.Tensor:
     with torch.no_grad():
-        counts = torch.floor(weights.sum(dim=1) + _FLOOR_SLACK).long().clamp(1, weights.size(1))
+        counts = torch.floor(mass + _FLOOR_SLACK).long().clamp(1, size)
         return torch.cummin(counts, dim=0).values
 
 
@@ -59,28 +63,22 @@ def retention_for_target(weights: torch.Tensor, layers: list[int], dims, lengths
     The search holds the batch's ratio near the target on average, but k_l is fixed from the weights
     of one step, and on the training lengths: on SST-2 (seed 0) that fixed 0.371 on dev for a target
     of 0.5. The scale keeps the shape the search found and moves its level to the target."""
-    distinct, times = torch.unique(torch.tensor(lengths), return_counts=True)
-    share = times.double() / times.sum()
-    full = (flops_per_example(distinct, baseline_kept(distinct, dims.num_layers), dims) * share).sum()
+    table_ratio = flops_ratio_on(lengths, layers, dims, relative=True)
     size = weights.size(1)
     mass = weights.sum(dim=1).clamp(min=1.0)  # CLS's weight counts; a row at 0 still scales
 
-    def counts(scale: float) -> torch.Tensor:
-        return retention_from((mass * scale)[:, None] / size * torch.ones(1, size))
-
     def ratio(retention: torch.Tensor) -> float:
-        table = (torch.arange(size)[None, :] < retention[:, None]).float()  # rank share j/N < k_l/N opens
-        kept = rounded_counts(table, layers, dims.num_layers, distinct, True, 0.5)
-        return float((flops_per_example(distinct, kept, dims) * share).sum() / full)
+        return table_ratio(torch.arange(size)[None, :] < retention[:, None])  # rank share j/N < k_l/N opens
 
     low, high = 0.0, float(size / mass.min())  # every k_l at 1 .. every k_l at N
     for _ in range(40):  # the counts are steps of α: bisect to the first α at or above the target
         middle = (low + high) / 2
-        if ratio(counts(middle)) < target:
+        if ratio(_retention_from_mass(mass * middle, size)) < target:
             low = middle
         else:
             high = middle
-    return min((counts(low), counts(high)), key=lambda retention: abs(ratio(retention) - target))
+    return min((_retention_from_mass(mass * scale, size) for scale in (low, high)),
+               key=lambda retention: abs(ratio(retention) - target))
 
 
 @dataclass

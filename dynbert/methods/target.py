@@ -97,6 +97,22 @@ def rounded_counts(gates: torch.Tensor, layers: list[int], num_layers: int, leng
     return torch.stack(kept, dim=1)
 
 
+def flops_ratio_on(lengths: list[int], layers: list[int], dims, relative: bool):
+    """``ratio(table)``: the FLOPs ratio, on inputs of these lengths, of the hard decisions of a 0/1
+    table (pruned layers x ranks, as ``rounded_counts`` reads it), by the engine's own count."""
+    from ..core import baseline_kept, flops_per_example  # the engine's count, as everywhere
+
+    distinct, times = torch.unique(torch.tensor(lengths), return_counts=True)  # a few dozen, not 8,000
+    share = times.double() / times.sum()
+    full = (flops_per_example(distinct, baseline_kept(distinct, dims.num_layers), dims) * share).sum()
+
+    def ratio(table: torch.Tensor) -> float:
+        kept = rounded_counts(table.float(), layers, dims.num_layers, distinct, relative, 0.5)
+        return float((flops_per_example(distinct, kept, dims) * share).sum() / full)
+
+    return ratio
+
+
 TARGET_INPUTS = ("dev", "train")
 """``method.target_inputs``: the inputs whose lengths a target is met on. ``dev``, the evaluation split's
 texts (their lengths only, no labels): the inputs a run is scored on, standing in for those it will
@@ -117,13 +133,9 @@ def gates_to_open(gates: torch.Tensor, layers: list[int], dims, lengths: list[in
     A threshold on the values alone could not: clipped gates sit at exactly 0 or 1 by the dozen, and
     one step of the threshold opens or closes them all (MRPC, seed 0: 0.464 for a target of 0.5,
     because no gate above 0 was left to open). Gates already 0 or 1 are left as they are."""
-    from ..core import baseline_kept, flops_per_example  # the engine's count, as everywhere
-
     if bool(((gates == 0) | (gates == 1)).all()):
         return gates == 1
-    distinct, times = torch.unique(torch.tensor(lengths), return_counts=True)  # a few dozen, not 8,000
-    share = times.double() / times.sum()
-    full = (flops_per_example(distinct, baseline_kept(distinct, dims.num_layers), dims) * share).sum()
+    table_ratio = flops_ratio_on(lengths, layers, dims, relative)
     rows, size = gates.shape
     rank, row = torch.arange(size).expand(rows, size), torch.arange(rows)[:, None].expand(rows, size)
     # Lexicographic order (value down, rank up, layer up) by three stable sorts, last key first.
@@ -137,8 +149,7 @@ def gates_to_open(gates: torch.Tensor, layers: list[int], dims, lengths: list[in
         return is_open.view(rows, size)
 
     def ratio(count: int) -> float:
-        kept = rounded_counts(opened(count).float(), layers, dims.num_layers, distinct, relative, 0.5)
-        return float((flops_per_example(distinct, kept, dims) * share).sum() / full)
+        return table_ratio(opened(count))
 
     # The ratio never falls as gates open: bisect for the first count at or above the target.
     low, high = 0, rows * size
