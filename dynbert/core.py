@@ -162,6 +162,13 @@ class TokenPruner(nn.Module):
         """Before training: fit what the method derives from the training inputs' lengths (``lengths``,
         tokens per example) and the encoder's sizes, e.g. the keep schedule that meets a FLOPs target."""
 
+    def settle(self, step: int, total_steps: int, hard_ratio) -> str | None:
+        """Before optimizer step ``step``, with a FLOPs target: where decisions that depend on the scores,
+        not only on the lengths (LTP's thresholds), freeze, fit them to cost the target on the inputs
+        ``method.target_inputs`` names. ``hard_ratio()``: hard mode's FLOPs ratio on those inputs now,
+        one pass over them. Returns what it did, for train.log (None: nothing)."""
+        return None
+
     def prepare(self, hard: bool):
         """The method's state for one forward (a gate table, thresholds: a small dataclass of its
         own), computed once before the layers run; ``keep_weights`` and ``keeps_all`` receive it."""

@@ -25,7 +25,7 @@ from .core import GatedModel
 from .data import Encoded, collate, encode, epoch_batches, load_splits
 from .declarations import knob_active, method_knob, run_knob
 from .errors import DynbertError, atomic_write_json
-from .evaluate import evaluate, run_warnings
+from .evaluate import evaluate, predict, run_warnings
 from .loop import NotFinite, make_accelerator, make_optimizer, make_scheduler, train_step
 from .modeling import build_model, make_gated_model, save_model
 from .rundir import (CHECKPOINT_FILE, CHECKPOINT_SUM_FILE, LOG_FILE, METRICS_FILE, MODEL_DIR, RunLock, claim,
@@ -89,7 +89,12 @@ def _run(cfg: DictConfig, run_dir: Path, accelerator, console: Console) -> dict:
     except ValueError as error:  # a target the method cannot reach on this data
         raise DynbertError(f"bad method setting: {error}") from error
 
-    state = fit(gated, encoded["train"], cfg, run_dir, spec, accelerator, logger, console)
+    def hard_ratio() -> float:  # hard mode's FLOPs ratio on the target inputs (a method's `settle`)
+        result = predict(gated, encoded[calibration], cfg.train.eval_batch_size, True, spec, accelerator.autocast)
+        gated.train()
+        return float(result["flops"].sum() / result["baseline_flops"].sum())
+
+    state = fit(gated, encoded["train"], cfg, run_dir, spec, accelerator, logger, console, hard_ratio)
 
     metrics = None
     if main:
@@ -169,8 +174,10 @@ class LoopState:
 
 
 def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec, accelerator,
-        logger: logging.Logger, console: Console) -> LoopState:
-    """Train ``gated`` in place; resume from and save ``checkpoint.pt``; return the loop's state."""
+        logger: logging.Logger, console: Console, hard_ratio=None) -> LoopState:
+    """Train ``gated`` in place; resume from and save ``checkpoint.pt``; return the loop's state.
+    ``hard_ratio``: hard mode's FLOPs ratio on the target inputs, for a method that settles its
+    decisions on them (``TokenPruner.settle``)."""
     tcfg = cfg.train
     accumulate = tcfg.gradient_accumulation_steps
     steps_per_epoch = math.ceil(len(data) / tcfg.batch_size / accumulate)
@@ -241,6 +248,9 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
                     micro_batches.append(collate(data, indices[rank::world] or indices[:1]).to(accelerator.device))
+                settled = None if hard_ratio is None else method.settle(state.step, total_steps, hard_ratio)
+                if settled:
+                    logger.info("step %d: %s", state.step, settled)
                 try:
                     loss_task, parts, out = train_step(model, gated, micro_batches, state.step, total_steps, cfg,
                                                        spec, optimizer, scheduler, accelerator)

@@ -113,6 +113,29 @@ def flops_ratio_on(lengths: list[int], layers: list[int], dims, relative: bool):
     return ratio
 
 
+def scale_for_target(ratio_at, target: float, bisections: int = 10) -> tuple[float, float]:
+    """The scale s >= 0 whose ``ratio_at(s)`` is nearest ``target``, and that ratio, for a FLOPs ratio that falls as s
+    grows from ``ratio_at(0) = 1`` (LTP's thresholds times s): doubled from 1 until the ratio is at or
+    below the target, then bisected. Each ``ratio_at`` is a pass over the inputs, so values are cached."""
+    seen: dict[float, float] = {}
+
+    def ratio(scale: float) -> float:
+        if scale not in seen:
+            seen[scale] = ratio_at(scale)
+        return seen[scale]
+
+    low, high = 0.0, 1.0
+    while ratio(high) > target and high < 2.0**10:
+        low, high = high, 2 * high
+    if ratio(high) > target:  # unreachable by scaling (thresholds at or below 0 keep everything)
+        return high, ratio(high)
+    for _ in range(bisections):
+        middle = (low + high) / 2
+        low, high = (middle, high) if ratio(middle) > target else (low, middle)
+    best = min((low, high), key=lambda scale: abs(ratio(scale) - target))
+    return best, ratio(best)
+
+
 TARGET_INPUTS = ("dev", "train")
 """``method.target_inputs``: the inputs whose lengths a target is met on. ``dev``, the evaluation split's
 texts (their lengths only, no labels): the inputs a run is scored on, standing in for those it will
