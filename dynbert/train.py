@@ -242,15 +242,20 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
             while True:  # a stop in the last step, too, takes effect before the evaluation
                 if stop.requested() is not None:
                     raise stop.Interrupted(stop.requested())
+                # Before step state.step, and once more after the last (step == total_steps). A stop that
+                # comes meanwhile takes effect after the step, or here after the last: never between a
+                # settle and its step's checkpoint, so a resumed run settles from the same state.
+                settled = None if hard_ratio is None else method.settle(state.step, total_steps, hard_ratio)
+                if settled:
+                    logger.info("step %d: %s", state.step, settled)
                 if state.step >= total_steps:
+                    if stop.requested() is not None:
+                        raise stop.Interrupted(stop.requested())
                     break
                 micro_batches = []
                 for micro in range(accumulate):
                     indices = _step_batch(data, cfg, state.step * accumulate + micro, epoch_cache)
                     micro_batches.append(collate(data, indices[rank::world] or indices[:1]).to(accelerator.device))
-                settled = None if hard_ratio is None else method.settle(state.step, total_steps, hard_ratio)
-                if settled:
-                    logger.info("step %d: %s", state.step, settled)
                 try:
                     loss_task, parts, out = train_step(model, gated, micro_batches, state.step, total_steps, cfg,
                                                        spec, optimizer, scheduler, accelerator)

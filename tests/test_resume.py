@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow  # every test trains twice, stopping one run by a 
 # Gates that move from the first step, so one step taken twice (or skipped) changes the result.
 MOVING_GATES = ["lambda=1", "method.start=0", "method.bimodal_weight=0", "method.lr=0.1"]
 # One thread: the reference run (a module fixture) is made before the per-test fixture sets it.
-RUN = [*FAST, *SYNTHETIC, *MOVING_GATES, "train.max_steps=10", "train.checkpoint_every=4", "train.num_threads=1"]
+RUN = [*FAST, *SYNTHETIC, *MOVING_GATES, "train.epochs=2", "train.max_steps=10", "train.checkpoint_every=4", "train.num_threads=1"]
 
 
 @pytest.fixture
@@ -175,3 +175,35 @@ def _processes_marked(mark: str) -> list[int]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+# LTP with a FLOPs target settles its thresholds on dev where they freeze (step 5 of 10) and after the
+# last step: passes of hard mode in the middle of the loop, which a stop must not split from their step.
+LTP_RUN = [*FAST, *SYNTHETIC, "method=ltp", "method.target=0.6", "method.start=0.1", "method.freeze_at=0.5",
+           "train.epochs=2", "train.max_steps=10", "train.checkpoint_every=4", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ltp(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-ltp")
+    return train(compose_config([*LTP_RUN, f"output_dir={run_dir}"])), run_dir
+
+
+@pytest.mark.parametrize("call", [6, 11], ids=["as the thresholds freeze (step 5)", "after the last step"])
+def test_ltp_stopped_while_it_settles_its_thresholds_resumes_to_the_uninterrupted_result(
+        tmp_path, monkeypatch, own_signals, uninterrupted_ltp, call):
+    from dynbert.methods.ltp import LearnedTokenPruning
+
+    whole, whole_dir = uninterrupted_ltp
+    assert "FLOPs ratio" in (whole_dir / "train.log").read_text()
+    cfg = compose_config([*LTP_RUN, f"output_dir={tmp_path}"])
+    with monkeypatch.context() as patch:
+        signal_on_call(patch, LearnedTokenPruning, "settle", call, signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted):
+            train(cfg)
+    stop._requested = None
+    resumed = train(cfg)
+    assert comparable(resumed) == comparable(whole)
+    for file in ("model.safetensors", "method.safetensors"):
+        a, b = (load_file(folder / "model" / file) for folder in (whole_dir, tmp_path))
+        assert all(torch.equal(a[key], b[key]) for key in a), file

@@ -257,8 +257,8 @@ def test_the_scale_search_lands_nearest_the_target_and_says_where_it_cannot():
 
 def test_ltp_settles_its_thresholds_on_the_target_inputs_once_when_they_freeze():
     """LTP froze at 0.563 on SST-2's training phrases and gave 0.542 on dev (seed 0): its thresholds act on
-    attention scores, so no length rule can place them. Where they freeze, one scale on all of them is
-    bisected against hard mode on the target inputs; before and after that step nothing changes."""
+    attention scores, so no length rule can place them. Where they freeze, and after the last step, one
+    scale on all of them is bisected against hard mode on the target inputs; between, nothing changes."""
     from dynbert.methods.ltp import LearnedTokenPruning
 
     method = LearnedTokenPruning([1, 2, 3], 32, 4, 2, threshold=0.01, start=0.2, freeze_at=0.5, target=0.5)
@@ -276,6 +276,10 @@ def test_ltp_settles_its_thresholds_on_the_target_inputs_once_when_they_freeze()
     settled = method.thresholds().detach()
     scale = float(settled[0] / learned[0])
     assert torch.allclose(settled, scale * learned) and settled[1] < 0
+    # Fine-tuning moves the scores under the frozen thresholds; after the last step they settle again.
+    assert method.settle(99, 100, lambda: hard_ratio() + 0.1) is None
+    assert method.settle(100, 100, lambda: hard_ratio() + 0.1) is not None
+    assert hard_ratio() + 0.1 == pytest.approx(0.5, abs=0.01)
 
 
 def test_an_ltp_run_meets_its_target_on_dev(tmp_path):
