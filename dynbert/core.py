@@ -163,9 +163,9 @@ class TokenPruner(nn.Module):
         tokens per example) and the encoder's sizes, e.g. the keep schedule that meets a FLOPs target."""
 
     def settle(self, step: int, total_steps: int, hard_ratio) -> str | None:
-        """Before optimizer step ``step`` (``total_steps``: after the last), with a FLOPs target: where decisions that depend on the scores,
-        not only on the lengths (LTP's thresholds), freeze, fit them to cost the target on the inputs
-        ``method.target_inputs`` names. ``hard_ratio()``: hard mode's FLOPs ratio on those inputs now,
+        """Before optimizer step ``step`` (``total_steps``: after the last), with a FLOPs target: where
+        decisions that depend on the scores, not only on the lengths (LTP's thresholds), freeze, fit
+        them to cost the target on the inputs ``method.target_inputs`` names. ``hard_ratio()``: hard mode's FLOPs ratio on those inputs now,
         one pass over them. Returns what it did, for train.log (None: nothing)."""
         return None
 

@@ -174,7 +174,7 @@ class LoopState:
 
 
 def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: TaskSpec, accelerator,
-        logger: logging.Logger, console: Console, hard_ratio=None) -> LoopState:
+        logger: logging.Logger, console: Console, hard_ratio) -> LoopState:
     """Train ``gated`` in place; resume from and save ``checkpoint.pt``; return the loop's state.
     ``hard_ratio``: hard mode's FLOPs ratio on the target inputs, for a method that settles its
     decisions on them (``TokenPruner.settle``)."""
@@ -245,7 +245,7 @@ def fit(gated: GatedModel, data: Encoded, cfg: DictConfig, run_dir: Path, spec: 
                 # Before step state.step, and once more after the last (step == total_steps). A stop that
                 # comes meanwhile takes effect after the step, or here after the last: never between a
                 # settle and its step's checkpoint, so a resumed run settles from the same state.
-                settled = None if hard_ratio is None else method.settle(state.step, total_steps, hard_ratio)
+                settled = method.settle(state.step, total_steps, hard_ratio)
                 if settled:
                     logger.info("step %d: %s", state.step, settled)
                 if state.step >= total_steps:

@@ -114,9 +114,9 @@ def flops_ratio_on(lengths: list[int], layers: list[int], dims, relative: bool):
 
 
 def scale_for_target(ratio_at, target: float, bisections: int = 10) -> tuple[float, float]:
-    """The scale s >= 0 whose ``ratio_at(s)`` is nearest ``target``, and that ratio, for a FLOPs ratio that falls as s
-    grows from ``ratio_at(0) = 1`` (LTP's thresholds times s): doubled from 1 until the ratio is at or
-    below the target, then bisected. Each ``ratio_at`` is a pass over the inputs, so values are cached."""
+    """The scale s >= 0 whose ``ratio_at(s)`` is nearest ``target``, and that ratio, for a FLOPs ratio
+    that falls as s grows from ``ratio_at(0) = 1`` (LTP's thresholds times s): doubled from 1 until the
+    ratio is at or below the target, then bisected. Each ``ratio_at`` is a pass over the inputs, so values are cached."""
     seen: dict[float, float] = {}
 
     def ratio(scale: float) -> float:
